@@ -1,0 +1,26 @@
+"""Cross-entropy over the exits of a multi-exit network."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from losses.base import MultiExitLoss
+
+
+class ExitCrossEntropy(MultiExitLoss):
+    """sum_k w_k * CE(z_k, y): equal weights (w_k = 1) unless ``weights`` are given.
+
+    Labels equal to ``ignore_index`` (-100) are skipped, as for semi-supervised batches.
+    """
+
+    def __init__(self, weights: Sequence[float] | None = None):
+        super().__init__()
+        self.weights = None if weights is None else [float(w) for w in weights]
+
+    def forward(self, outputs: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        weights = self.weights or [1.0] * len(outputs)
+        if len(weights) != len(outputs):
+            raise ValueError(f"{len(weights)} exit weights for {len(outputs)} exits")
+        return sum(w * F.cross_entropy(z, targets) for w, z in zip(weights, outputs))

@@ -1,11 +1,14 @@
 """Multi-exit backbones, the registry that builds them by name, and their cost."""
 from models import msdnet, resnet_cifar  # noqa: F401  (registers the backbones)
+from models.imta import IMTANetwork, build_imta
 from models.cost import count_exit_costs, measure_exit_latency
 from models.multiexit import ExitHead, MultiExitNetwork, select_state
 from models.registry import create_model, list_models, register_model
 
 __all__ = [
     "ExitHead",
+    "IMTANetwork",
+    "build_imta",
     "MultiExitNetwork",
     "count_exit_costs",
     "create_model",

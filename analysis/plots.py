@@ -1,0 +1,72 @@
+"""Figures of aggregated curves: one line per group, a shaded ±std band over seeds, x in MMACs, y in top-1 %.
+
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, without pyplot, so they work
+headless and never change the global backend of a notebook that imports this module.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from analysis.curves import DEFAULT_GROUP, group_label
+
+
+def _figure() -> tuple[Figure, object]:
+    fig = Figure(figsize=(6.4, 4.6), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _draw(ax, table: pd.DataFrame, group_by: Sequence[str], x: str, y: str, y_std: str, order: str, marker: str):
+    for key, g in table.groupby(list(group_by), sort=True, dropna=False):
+        g = g.sort_values(order)
+        xs = g[x].to_numpy(float) / 1e6
+        ys = 100 * g[y].to_numpy(float)
+        std = 100 * g[y_std].fillna(0.0).to_numpy(float)
+        n = int(g["n_runs"].max())
+        (line,) = ax.plot(xs, ys, marker=marker, markersize=4, label=f"{group_label(key, group_by)} (n={n})")
+        ax.fill_between(xs, ys - std, ys + std, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def _finish(fig: Figure, ax, title: str, path: str | Path | None,
+            xlabel: str = "average multiply-adds per test sample (MMACs)") -> Figure:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    return fig
+
+
+def plot_anytime(anytime: pd.DataFrame, path: str | Path | None = None, group_by: Sequence[str] = DEFAULT_GROUP,
+                 title: str = "Anytime prediction (test)") -> Figure:
+    """Test top-1 of every exit vs its cumulative MMACs, from :func:`analysis.curves.aggregate_anytime`."""
+    fig, ax = _figure()
+    _draw(ax, anytime, group_by, "macs_mean", "test_acc_mean", "test_acc_std", "exit", "o")
+    return _finish(fig, ax, title, path, "cumulative multiply-adds up to the exit (MMACs)")
+
+
+def plot_budgeted(budgeted: pd.DataFrame, path: str | Path | None = None, group_by: Sequence[str] = DEFAULT_GROUP,
+                  title: str = "Budgeted batch classification (test)") -> Figure:
+    """Mean test top-1 vs mean expected MMACs over the p grid, from :func:`analysis.curves.aggregate_budgeted`."""
+    fig, ax = _figure()
+    _draw(ax, budgeted, group_by, "cost_macs_mean", "accuracy_mean", "accuracy_std", "cost_macs_mean", ".")
+    return _finish(fig, ax, title, path)
+
+
+def plot_curves(curves, out_dir: str | Path) -> list[Path]:
+    """Write ``anytime.png`` and ``budgeted.png`` of a :class:`analysis.curves.Curves` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    paths = [out_dir / "anytime.png", out_dir / "budgeted.png"]
+    plot_anytime(curves.anytime, paths[0], curves.group_by)
+    plot_budgeted(curves.budgeted, paths[1], curves.group_by)
+    return paths
+

@@ -1,0 +1,148 @@
+"""IMTA: Li et al., "Improved Techniques for Training Adaptive Deep Networks" (ICCV 2019).
+
+Two stages of one experiment:
+
+    python experiments/imta.py with stage=ge quick                      # 1: MSDNet + Gradient Equilibrium
+    python experiments/imta.py with stage=imta quick ge_run=<run id>   # 2: ISC + One-for-all KD, frozen stage 1
+    python experiments/imta.py with stage=ge quick ge_scope=off        # the plain MSDNet baseline
+
+Defaults are the CIFAR-100 budgeted recipe (5-exit MSDNet, 45k/5k split, 300 epochs).
+"""
+from __future__ import annotations
+
+from experiments.engine.checkpoint import load_snapshot, resolve_snapshot
+from experiments.engine.hardware import resolve_device
+from experiments.engine.pipeline import fit_and_record
+from experiments.ingredients import data as data_ing
+from experiments.ingredients import model as model_ing
+from experiments.ingredients import optim as optim_ing
+from experiments.ingredients import train as train_ing
+from experiments.tracking import run_cli
+from losses import ExitCrossEntropy, OneForAllLoss
+from models import build_imta
+from sacred import Experiment
+
+NAME = "imta"
+STAGES = ("ge", "imta")
+GE_VARIANTS = {"off": "", "coarsest": "+ge", "all": "+ge_all"}
+
+data_ingredient = data_ing.data_ingredient(name="cifar100", val_size=5000, batch_size=64)
+model_ingredient = model_ing.model_ingredient("cifar_budgeted")
+optim_ingredient = optim_ing.optim_ingredient(lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
+                                              schedule="multistep", milestones=[150, 225], gamma=0.1)
+train_ingredient = train_ing.train_ingredient(epochs=300)
+ex = Experiment(NAME, ingredients=[data_ingredient, model_ingredient, optim_ingredient, train_ingredient])
+
+
+@ex.config
+def config():
+    stage = None  # ge (stage 1: train with Gradient Equilibrium) or imta (stage 2: ISC + OFA on a frozen stage 1)
+    ge_scope = "coarsest"  # stage ge: coarsest (released code), all (every scale's onward path), off (plain MSDNet)
+    ge_run = None  # stage imta: run id or snapshot path of a finished stage=ge run
+    gamma = 0.9  # OFA: weight of the distillation term of every early exit
+    temperature = 3.0  # OFA: distillation temperature T
+    kl_reduction = "batchmean"  # OFA: batchmean (KD as written) or mean (released code: / batch x classes)
+    isc_detach = False  # stop gradients through ISC links (paper wording); False as released
+    frozen_bn = "eval"  # stage imta: frozen BatchNorm on running statistics; 'train' as released
+
+
+@ex.named_config
+def cifar100_anytime():
+    # 7-exit MSDNet for anytime prediction (MSDNet-PyTorch recipe); 5k held out to select checkpoints.
+    model = dict(arch="msdnet", msdnet=model_ing.msdnet_knobs("cifar_anytime"))
+
+
+@ex.named_config
+def cifar100_budgeted():
+    # 5-exit MSDNet for budgeted batch classification, 45k train / 5k validation (the default).
+    model = dict(arch="msdnet", msdnet=model_ing.msdnet_knobs("cifar_budgeted"))
+    data = dict(name="cifar100", val_size=5000)
+
+
+@ex.named_config
+def imagenet_step4():
+    # The released ImageNet scripts: 5 blocks of 4 layers, 50k held out, 90 epochs, lr x0.1 every 30, T=1, gamma=0.1.
+    model = dict(arch="msdnet", msdnet=model_ing.msdnet_knobs("imagenet_step4"))
+    data = dict(name="imagenet", val_size=50000, class_balanced=True, batch_size=256, eval_batch_size=256, workers=8)
+    optim = dict(milestones=[30, 60])
+    train = dict(epochs=90)
+    temperature = 1.0
+    gamma = 0.1
+
+
+@ex.named_config
+def released():
+    # Stage 2 as the released code runs it: KLDivLoss 'mean' reduction, frozen BatchNorm in train mode.
+    kl_reduction = "mean"
+    frozen_bn = "train"
+
+
+@ex.named_config
+def quick():
+    # Fashion-MNIST in minutes on 2 CPU cores: 300 images/class, a 4-exit MSDNet, bf16, 6 epochs per stage.
+    data = dict(name="fashion_mnist", n_per_class=300, val_size=500, batch_size=64, eval_batch_size=500)
+    model = dict(arch="msdnet", msdnet=dict(model_ing.msdnet_knobs("cifar_anytime"), n_blocks=4, base=2, step=2,
+                                            n_channels=8, growth_rate=6, head_width=32))
+    optim = dict(schedule="cosine")
+    train = dict(epochs=6, amp="bf16")
+
+
+@ex.named_config
+def fast():
+    # Seconds, for tests: tiny synthetic data, a 3-exit two-scale MSDNet, two epochs.
+    data = data_ing.FAST
+    model = dict(arch="msdnet", msdnet=dict(model_ing.msdnet_knobs("cifar_anytime"), n_blocks=3, base=1, step=1,
+                                            n_channels=4, growth_rate=4, gr_factor=[1, 2], bn_factor=[1, 2],
+                                            prune="min", head_width=8, n_scales=2))
+    optim = dict(lr=0.05, schedule="cosine")
+    train = train_ing.FAST
+
+
+def load_stage1(ge_run, snapshot_root: str) -> tuple[dict, str]:
+    """The stage-1 snapshot named by ``ge_run`` (run id or path), checked to hold what stage 2 needs."""
+    if ge_run in (None, ""):
+        raise ValueError("stage=imta needs ge_run=<run id or snapshot path> of a finished stage=ge run")
+    path = resolve_snapshot(ge_run, NAME, snapshot_root)
+    snapshot = load_snapshot(path)
+    meta = snapshot.get("meta", {})
+    missing = [k for k in ("model", "data", "split_file", "variant") if k not in meta]
+    if missing or meta.get("stage") != "ge":
+        raise ValueError(f"{path} is not a stage=ge snapshot of this experiment (missing {missing or ['stage=ge']})")
+    return snapshot, str(path)
+
+
+@ex.main
+def main(_run, _seed, stage, ge_scope, ge_run, gamma, temperature, kl_reduction, isc_detach, frozen_bn,
+         data, model, optim, train) -> dict:
+    """Stage ge trains MSDNet (+GE); stage imta trains ISC classifiers with OFA on the frozen result."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES} (e.g. `with stage=ge`), got {stage!r}")
+    if ge_scope not in GE_VARIANTS:
+        raise ValueError(f"ge_scope must be one of {tuple(GE_VARIANTS)}, got {ge_scope!r}")
+    device = resolve_device(train["device"])
+    if stage == "ge":
+        bundle = data_ing.build(data, device, _seed)
+        net = model_ing.build(model, bundle.num_classes, bundle.in_channels, bundle.image_size, ge_scope=ge_scope)
+        loss = ExitCrossEntropy()
+        variant = model["arch"] + GE_VARIANTS[ge_scope]
+        meta = {"stage": "ge", "model": model, "data": data}
+    else:
+        parent, parent_path = load_stage1(ge_run, train["snapshot_root"])
+        pmeta = parent["meta"]
+        # Stage 2 reuses stage 1's dataset and exact train/validation split.
+        data = {**data, "name": pmeta["data"]["name"], "n_per_class": pmeta["data"]["n_per_class"],
+                "split_file": pmeta["split_file"]}
+        bundle = data_ing.build(data, device, _seed)
+        base = model_ing.build(pmeta["model"], bundle.num_classes, bundle.in_channels, bundle.image_size)
+        base.load_state_dict(parent["model"])
+        net = build_imta(base, bundle.input_shape(), isc_detach=isc_detach, frozen_bn=frozen_bn)
+        loss = OneForAllLoss(lambda: net.teacher_logits, gamma=gamma, temperature=temperature,
+                             kl_reduction=kl_reduction)
+        variant = pmeta["variant"] + "+isc+ofa"
+        meta = {"stage": "imta", "parent": parent_path, "data": data}
+        _run.info["parent_snapshot"] = parent_path
+    return fit_and_record(_run, NAME, net.to(device), loss, bundle, optim, train, device, variant=variant, meta=meta)
+
+
+if __name__ == "__main__":
+    run_cli(ex)

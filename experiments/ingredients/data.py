@@ -1,0 +1,41 @@
+"""The ``data`` ingredient: dataset name, split and loader settings, built by ``data.build_data``."""
+from __future__ import annotations
+
+import torch
+from sacred import Ingredient
+
+from data import DataBundle, build_data
+
+
+def data_config():
+    name = "fashion_mnist"  # cifar10, cifar100, svhn, fashion_mnist, tinyimagenet, imagenet or synthetic
+    root = None  # folder holding the datasets (None: $MULTIEXIT_DATA or ./datasets)
+    download = True  # let torchvision download CIFAR/SVHN/Fashion-MNIST when missing
+    batch_size = 64  # training batch size
+    eval_batch_size = 250  # validation/test batch size
+    workers = 0  # DataLoader workers (folder datasets only; in-memory sets need none)
+    val_size = 5000  # held-out validation images from the training set (int, or a fraction)
+    class_balanced = True  # draw val_size / num_classes validation images from every class
+    n_per_class = None  # keep only this many training images per class (train + val), e.g. Phuong's 150
+    augment = True  # random translation (+ flip where sensible) on training images only
+    split_seed = 0  # seed of the train/validation split (independent of the run's seed)
+    split_file = None  # reuse a saved split (.npz) instead of drawing one
+
+
+FAST = dict(name="synthetic", batch_size=32, eval_batch_size=64, val_size=64, n_per_class=None, augment=True)
+
+
+def data_ingredient(**defaults) -> Ingredient:
+    """A ``data`` ingredient whose defaults are the paper's; ``data.fast`` is tiny synthetic data."""
+    ingredient = Ingredient("data")
+    ingredient.config(data_config)
+    if defaults:
+        ingredient.add_config(defaults)
+    ingredient.add_named_config("fast", FAST)
+    ingredient.add_named_config("fashion_mnist", dict(name="fashion_mnist", val_size=5000, n_per_class=None))
+    return ingredient
+
+
+def build(config: dict, device: torch.device, seed: int) -> DataBundle:
+    """Loaders for a ``data`` config; ``seed`` drives the training loader's shuffling."""
+    return build_data(**config, device=device, loader_seed=seed)

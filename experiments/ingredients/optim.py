@@ -1,0 +1,46 @@
+"""The ``optim`` ingredient: SGD settings and the learning-rate schedule."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from sacred import Ingredient
+
+from experiments.engine.schedules import build_scheduler
+
+
+def optim_config():
+    lr = 0.1  # initial learning rate
+    momentum = 0.9  # SGD momentum
+    nesterov = True  # Nesterov momentum
+    weight_decay = 1e-4  # L2 penalty on every trained parameter (BN and biases included)
+    schedule = "multistep"  # multistep, cosine or constant (evaluated every iteration)
+    milestones = [150, 225]  # multistep: epochs at which the lr is multiplied by gamma
+    gamma = 0.1  # multistep decay factor
+    warmup_epochs = 0  # linear warmup length in epochs
+
+
+def optim_ingredient(**defaults) -> Ingredient:
+    """An ``optim`` ingredient whose defaults are the paper's."""
+    ingredient = Ingredient("optim")
+    ingredient.config(optim_config)
+    if defaults:
+        ingredient.add_config(defaults)
+    return ingredient
+
+
+def build_optimizer(config: dict, params: Iterable[torch.nn.Parameter]) -> torch.optim.SGD:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: every parameter is frozen")
+    return torch.optim.SGD(
+        params, lr=config["lr"], momentum=config["momentum"], nesterov=config["nesterov"],
+        weight_decay=config["weight_decay"],
+    )
+
+
+def build_lr_scheduler(config: dict, optimizer: torch.optim.Optimizer, epochs: int, iters_per_epoch: int):
+    return build_scheduler(
+        optimizer, epochs, iters_per_epoch, config["schedule"], config["milestones"], config["gamma"],
+        config["warmup_epochs"],
+    )

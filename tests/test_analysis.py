@@ -1,0 +1,323 @@
+"""analysis/: budgeted thresholds worked out by hand, curves, run loading from sacred observers, the CLI."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.anytime import anytime_curve
+from analysis.budgeted import (
+    ALWAYS,
+    NEVER,
+    accuracy_at_budget,
+    apply_thresholds,
+    budgeted_curve,
+    budgeted_points,
+    exit_fractions,
+    expected_cost,
+    fit_thresholds,
+    max_prob,
+    neg_entropy,
+)
+from analysis.exit_record import ExitRecord
+
+
+# ------------------------------------------------------------------------------------ hand-made thresholds
+# 3 exits, 10 validation samples s0..s9; target fractions pi = (0.3, 0.2, 0.5).
+#   exit 1: m1 = floor(10 * 0.3) = 3. Confidences by decreasing value: s0 0.9, s1 0.8, s2 0.8, s3 0.8, ...
+#           the 3rd is 0.8 -> T1 = 0.8, and every sample with conf >= 0.8 exits: s0..s3 (4 > m1, a tie).
+#   exit 2: m2 = floor(10 * 0.2) = 2. Not-yet-exited s4..s9 have 0.5 0.7 0.6 0.2 0.3 0.1: the 2nd largest is
+#           0.6 -> T2 = 0.6 (s5, s6 exit). Counting the exited s0..s3 too (0.99 0.98 0.97 0.96) would
+#           have given 0.98 instead.
+#   exit 3: T3 = -1e8, the rest (s4, s7, s8, s9) exit there.
+VAL_CONF = np.array([
+    [0.9, 0.8, 0.8, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
+    [0.99, 0.98, 0.97, 0.96, 0.5, 0.7, 0.6, 0.2, 0.3, 0.1],
+    [0.5] * 10,
+])
+PI = np.array([0.3, 0.2, 0.5])
+
+
+def test_fit_thresholds_by_hand():
+    np.testing.assert_array_equal(fit_thresholds(VAL_CONF, PI), [0.8, 0.6, ALWAYS])
+    # The order of tied samples does not matter: reversing the samples gives the same thresholds.
+    np.testing.assert_array_equal(fit_thresholds(VAL_CONF[:, ::-1], PI), [0.8, 0.6, ALWAYS])
+
+
+def test_fit_thresholds_m_zero_and_too_few_left():
+    # pi1 = 0.05 -> m1 = floor(0.5) = 0: T1 = +1e8, nobody exits at 1. Then m2 = floor(4.5) = 4 over all ten
+    # samples at exit 2: 0.99 0.98 0.97 0.96 -> T2 = 0.96.
+    np.testing.assert_array_equal(fit_thresholds(VAL_CONF, [0.05, 0.45, 0.5]), [NEVER, 0.96, ALWAYS])
+    # m1 = 5 with eight samples tied at 0.9: T1 = 0.9 and all eight exit; m2 = 4 but only two are left,
+    # so T2 = +1e8 and the two go on to the last exit.
+    conf = np.array([[0.9] * 8 + [0.1, 0.1], np.linspace(0.1, 1.0, 10), np.zeros(10)])
+    np.testing.assert_array_equal(fit_thresholds(conf, [0.5, 0.4, 0.1]), [0.9, NEVER, ALWAYS])
+    # a single exit: everybody leaves there
+    np.testing.assert_array_equal(fit_thresholds(VAL_CONF[:1], [1.0]), [ALWAYS])
+
+
+def test_apply_thresholds_and_cost_by_hand():
+    # Thresholds (0.8, 0.6, -1e8) on 5 test samples:
+    #   t0: 0.85 >= 0.8 -> exit 1      t1: 0.8 >= 0.8 (tie counts) -> exit 1
+    #   t2: 0.5 < 0.8, 0.6 >= 0.6 -> exit 2      t3: 0.2, 0.59 -> exit 3      t4: 0.7, 0.9 -> exit 2
+    # Costs (10, 30, 60) MACs: (10 + 10 + 30 + 60 + 30) / 5 = 28.
+    test_conf = np.array([[0.85, 0.8, 0.5, 0.2, 0.7], [0.1, 0.1, 0.6, 0.59, 0.9], [0.0] * 5])
+    exit_at = apply_thresholds(test_conf, fit_thresholds(VAL_CONF, PI))
+    np.testing.assert_array_equal(exit_at, [0, 0, 1, 2, 1])
+    assert expected_cost(exit_at, [10, 30, 60]) == pytest.approx(28.0)
+    # Correct answers: exit 1 right on t0 only, exit 2 right on t2, exit 3 right on t3.
+    # Exits taken: t0@1 right, t1@1 wrong, t2@2 right, t3@3 right, t4@2 wrong -> accuracy 3/5.
+    correct = np.array([[1, 0, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0]], dtype=bool)
+    # p with pi = (0.3, 0.2, 0.5) is not on the grid; the budgeted_points path is checked with p = 1
+    # (pi = 1/3 each): m1 = 3 -> T1 = 0.8 (s0..s3 exit); m2 = 3 -> remaining 0.7 0.6 0.5 -> T2 = 0.5
+    #   t0, t1 exit 1; t2 (0.6), t3 (0.59), t4 (0.9) exit 2 -> cost (10+10+30+30+30)/5 = 22,
+    #   correct: t0 yes, t1 no, t2 yes, t3 no, t4 no -> 2/5.
+    curve = budgeted_points(VAL_CONF, test_conf, correct, np.array([10.0, 30.0, 60.0]), ps=[1.0])
+    row = curve.iloc[0]
+    assert row["accuracy"] == pytest.approx(0.4)
+    assert row["cost_macs"] == pytest.approx(22.0)
+    np.testing.assert_allclose(row[["frac_exit1", "frac_exit2", "frac_exit3"]].to_numpy(float), [0.4, 0.6, 0.0])
+
+
+def test_exit_fractions():
+    for p in (0.05, 0.5, 1.0, 1.7, 2.0):
+        pi = exit_fractions(p, 7)
+        assert pi.sum() == pytest.approx(1.0)
+        k = np.arange(1, 8)
+        np.testing.assert_allclose(pi, p ** k / (p ** k).sum())
+    np.testing.assert_allclose(exit_fractions(1.0, 4), [0.25] * 4)
+    assert exit_fractions(0.5, 3)[0] > exit_fractions(0.5, 3)[-1]
+    with pytest.raises(ValueError):
+        exit_fractions(0.0, 3)
+
+
+def test_confidences():
+    logits = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(max_prob(logits), [np.exp(2) / (np.exp(2) + 2), 1 / 3])
+    np.testing.assert_allclose(neg_entropy(logits)[1], -np.log(3))
+    assert neg_entropy(logits)[0] > neg_entropy(logits)[1]
+
+
+# ------------------------------------------------------------------------------------ records and curves
+def make_record(seed: int = 0, n_exits: int = 4, n: int = 600, n_classes: int = 10, late_acc: float = 1.0,
+                macs=None) -> ExitRecord:
+    """Early exits guess at random; the last exit is right with probability ``late_acc``."""
+    rng = np.random.default_rng(seed)
+
+    def split(m):
+        targets = rng.integers(0, n_classes, m)
+        logits = rng.normal(size=(n_exits, m, n_classes)).astype(np.float32)
+        right = rng.random(m) < late_acc
+        logits[-1, np.arange(m), targets] += np.where(right, 6.0, -6.0)
+        return logits, targets
+
+    val_logits, val_targets = split(n)
+    test_logits, test_targets = split(n)
+    macs = np.asarray(macs if macs is not None else 1e6 * np.arange(1, n_exits + 1) ** 2, dtype=np.float64)
+    return ExitRecord(val_logits, val_targets, test_logits, test_targets, macs,
+                      params=np.arange(1, n_exits + 1) * 1000.0, latency_ms=np.full(n_exits, np.nan))
+
+
+def test_budgeted_curve_rises_with_cost():
+    record = make_record()
+    curve = budgeted_curve(record)
+    assert len(curve) == 40 and curve["p"].iloc[0] == pytest.approx(0.05) and curve["p"].iloc[-1] == pytest.approx(2.0)
+    assert (curve["cost_macs"] >= record.macs[0] - 1e-6).all() and (curve["cost_macs"] <= record.macs[-1] + 1e-6).all()
+    assert curve.filter(like="frac_exit").sum(axis=1).to_numpy() == pytest.approx(1.0)
+    by_cost = curve.sort_values("cost_macs")
+    assert np.corrcoef(by_cost["cost_macs"], by_cost["accuracy"])[0, 1] > 0.9
+    assert curve["accuracy"].iloc[-1] > curve["accuracy"].iloc[0] + 0.2
+    # the expected cost really is sum_k frac_k * macs_k
+    fr = curve[[f"frac_exit{k}" for k in range(1, 5)]].to_numpy()
+    np.testing.assert_allclose(fr @ record.macs, curve["cost_macs"])
+
+
+def test_budgeted_curve_matches_manual_pipeline_and_entropy_option():
+    record = make_record(seed=3, n_exits=3, n=200)
+    soft = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
+    val_conf, test_conf = soft(record.val_logits).max(-1), soft(record.test_logits).max(-1)
+    p = 0.7
+    exit_at = apply_thresholds(test_conf, fit_thresholds(val_conf, exit_fractions(p, 3)))
+    preds = record.test_logits.argmax(-1)[exit_at, np.arange(200)]
+    row = budgeted_curve(record, ps=[p]).iloc[0]
+    assert row["accuracy"] == pytest.approx((preds == record.test_targets).mean())
+    assert row["cost_macs"] == pytest.approx(record.macs[exit_at].mean())
+    ent = budgeted_curve(record, ps=[p], confidence="entropy")
+    assert set(ent.columns) == set(budgeted_curve(record, ps=[p]).columns)
+    with pytest.raises(ValueError):
+        budgeted_curve(record, confidence="nope")
+
+
+def test_accuracy_at_budget():
+    curve = pd.DataFrame({"cost_macs": [30.0, 10.0, 20.0], "accuracy": [0.9, 0.5, 0.7]})
+    assert accuracy_at_budget(curve, 15.0) == pytest.approx(0.6)
+    assert accuracy_at_budget(curve, 30.0) == pytest.approx(0.9)
+    assert np.isnan(accuracy_at_budget(curve, 5.0)) and np.isnan(accuracy_at_budget(curve, 31.0))
+    np.testing.assert_allclose(accuracy_at_budget(curve, [10.0, 25.0]), [0.5, 0.8])
+
+
+def test_anytime_curve():
+    record = make_record(n_exits=3)
+    curve = anytime_curve(record)
+    assert list(curve.columns) == ["exit", "macs", "params", "latency_ms", "val_acc", "test_acc"]
+    np.testing.assert_array_equal(curve["exit"], [1, 2, 3])
+    np.testing.assert_allclose(curve["test_acc"], record.accuracy("test"))
+    assert curve["test_acc"].iloc[-1] == 1.0
+
+
+# ------------------------------------------------------------------------------------ sacred runs
+def run_trivial_experiment(observer, runs) -> list:
+    """Really run a trivial sacred Experiment once per (variant, seed, record) in ``runs``."""
+    from sacred import Experiment
+
+    ex = Experiment("trivial_exits", save_git_info=False)
+    ex.observers.append(observer)
+
+    @ex.config
+    def config():
+        variant = "ce"  # noqa: F841
+        model = {"name": "toy", "exits": 4}  # noqa: F841
+        record_path = ""  # noqa: F841
+
+    @ex.main
+    def main(_run, variant, record_path):
+        _run.info["variant"] = variant
+        for step in range(3):
+            _run.log_scalar("train.loss", 1.0 / (step + 1), step)
+            _run.log_scalar("val.acc.exit1", 0.1 * step, step)
+        if record_path:
+            _run.add_artifact(record_path, name="exit_record.npz")
+        return 0
+
+    finished = []
+    for variant, seed, path in runs:
+        finished.append(ex.run(config_updates={"seed": seed, "variant": variant, "record_path": str(path or "")},
+                               options={"--loglevel": "ERROR", "--capture": "no"}))
+    return finished
+
+
+@pytest.fixture
+def file_runs(tmp_path):
+    """A FileStorageObserver folder with ce seeds 1 and 2, distillation seed 1, and one run without a record."""
+    from sacred.observers import FileStorageObserver
+
+    records = {}
+    specs = []
+    for variant, seed, late in (("ce", 1, 0.9), ("ce", 2, 0.8), ("distillation", 1, 1.0)):
+        rec = make_record(seed=seed + (10 if variant == "distillation" else 0), late_acc=late)
+        path = rec.save(tmp_path / "records" / f"{variant}-{seed}.npz")
+        records[(variant, seed)] = rec
+        specs.append((variant, seed, path))
+    specs.append(("ce", 3, None))
+    runs_dir = tmp_path / "runs"
+    run_trivial_experiment(FileStorageObserver(str(runs_dir)), specs)
+    return runs_dir, records
+
+
+def test_load_runs_file_storage(file_runs):
+    from analysis.runs import AnalysisError, exit_record_loader, load_exit_record, load_metrics, load_runs
+
+    runs_dir, records = file_runs
+    runs = load_runs(runs_dir)
+    assert len(runs) == 4
+    assert runs["run_id"].tolist() == [1, 2, 3, 4]
+    assert runs["experiment"].eq("trivial_exits").all() and runs["status"].eq("COMPLETED").all()
+    assert runs["variant"].tolist() == ["ce", "ce", "distillation", "ce"]
+    assert runs["seed"].tolist() == [1, 2, 1, 3]
+    assert runs["has_exit_record"].tolist() == [True, True, True, False]
+    assert runs["config.model.name"].eq("toy").all() and runs["config.model.exits"].eq(4).all()
+    assert pd.api.types.is_datetime64_any_dtype(runs["start_time"])
+    rec = load_exit_record(runs_dir, 2)
+    np.testing.assert_array_equal(rec.test_logits, records[("ce", 2)].test_logits)
+    np.testing.assert_array_equal(exit_record_loader(runs.iloc[2])().macs, records[("distillation", 1)].macs)
+    with pytest.raises(AnalysisError, match="no exit_record.npz artifact"):
+        load_exit_record(runs_dir, 4)
+    metrics = load_metrics(runs_dir, 1)
+    assert list(metrics.columns) == ["name", "step", "value"]
+    assert metrics[metrics["name"] == "train.loss"]["value"].tolist() == pytest.approx([1.0, 0.5, 1 / 3])
+    assert load_runs(runs_dir, experiment="other").empty
+    assert load_runs(runs_dir, status="FAILED").empty
+    with pytest.raises(AnalysisError, match="does-not-exist"):
+        load_runs(runs_dir / "does-not-exist")
+
+
+def test_cli_curves_match_direct_computation(file_runs, tmp_path, capsys):
+    from analysis.__main__ import main
+
+    runs_dir, records = file_runs
+    out = tmp_path / "out"
+    assert main(["curves", str(runs_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ce" in printed and "distillation" in printed and "budget@" in printed
+    for name in ("anytime.csv", "budgeted.csv", "anytime.png", "budgeted.png"):
+        assert (out / name).stat().st_size > 0
+    anytime = pd.read_csv(out / "anytime.csv")
+    ce = anytime[anytime["variant"] == "ce"].sort_values("exit")
+    accs = np.stack([records[("ce", s)].accuracy("test") for s in (1, 2)])
+    np.testing.assert_allclose(ce["test_acc_mean"], accs.mean(0))
+    np.testing.assert_allclose(ce["test_acc_std"], accs.std(0, ddof=1))
+    assert ce["n_runs"].eq(2).all()
+    np.testing.assert_allclose(ce["macs_mean"], records[("ce", 1)].macs)
+    budgeted = pd.read_csv(out / "budgeted.csv")
+    ce_b = budgeted[budgeted["variant"] == "ce"].sort_values("p")
+    direct = [budgeted_curve(records[("ce", s)]) for s in (1, 2)]
+    np.testing.assert_allclose(ce_b["accuracy_mean"], (direct[0]["accuracy"] + direct[1]["accuracy"]) / 2)
+    np.testing.assert_allclose(ce_b["cost_macs_mean"], (direct[0]["cost_macs"] + direct[1]["cost_macs"]) / 2)
+    distil = budgeted[budgeted["variant"] == "distillation"]
+    assert distil["n_runs"].eq(1).all() and distil["accuracy_std"].isna().all()
+
+    assert main(["table", str(runs_dir), "--variants", "distillation", "--budgets", "5,9"]) == 0
+    printed = capsys.readouterr().out
+    assert "distillation" in printed and "budget@5M" in printed and "budget@9M" in printed
+
+
+def test_cli_errors_name_what_was_searched(file_runs, tmp_path, capsys):
+    from analysis.__main__ import main
+
+    runs_dir, _ = file_runs
+    assert main(["table", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["table", str(runs_dir), "--experiment", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "no runs found" in err and "nope" in err
+    assert main(["table", str(runs_dir), "--variants", "ce", "--status", "FAILED"]) == 2
+    assert "no runs found" in capsys.readouterr().err
+
+
+def test_unreachable_mongo_is_a_clear_error(monkeypatch):
+    import analysis.runs as runs_mod
+
+    monkeypatch.setattr(runs_mod, "MONGO_TIMEOUT_MS", 200)
+    with pytest.raises(runs_mod.AnalysisError, match=r"could not reach MongoDB at mongodb://127\.0\.0\.1:9/"):
+        runs_mod.load_runs("mongodb://127.0.0.1:9/nodb")
+    assert runs_mod.mongo_url("localhost:27017:mydb") == ("mongodb://localhost:27017/", "mydb")
+    assert runs_mod.mongo_url("mongodb://h:1/?authSource=admin")[1] == "sacred"
+
+
+# ------------------------------------------------------------------------------------ MongoDB
+def test_load_runs_mongodb(mongo_url):
+    from sacred.observers import MongoObserver
+
+    from analysis.runs import load_exit_record, load_metrics, load_runs
+
+    records = {seed: make_record(seed=seed, n_exits=3, n=100) for seed in (5, 6)}
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = [("distillation", s, r.save(Path(tmp) / f"{s}.npz")) for s, r in records.items()]
+        run_trivial_experiment(MongoObserver(mongo_url, db_name="multiexit_test", serverSelectionTimeoutMS=3000), specs)
+    source = mongo_url.rstrip("/") + "/multiexit_test"
+    runs = load_runs(source, experiment="trivial_exits")
+    assert runs["seed"].tolist() == [5, 6] and runs["variant"].eq("distillation").all()
+    assert runs["has_exit_record"].all() and runs["config.model.name"].eq("toy").all()
+    for run_id, seed in zip(runs["run_id"], (5, 6)):
+        rec = load_exit_record(source, run_id)
+        np.testing.assert_array_equal(rec.val_logits, records[seed].val_logits)
+        np.testing.assert_array_equal(rec.macs, records[seed].macs)
+    metrics = load_metrics(source, runs["run_id"].iloc[0])
+    assert metrics[metrics["name"] == "val.acc.exit1"]["value"].tolist() == pytest.approx([0.0, 0.1, 0.2])
+
+    from analysis.__main__ import main
+
+    assert main(["table", source, "--experiment", "trivial_exits"]) == 0

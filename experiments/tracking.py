@@ -17,6 +17,8 @@ import sacred.experiment
 from sacred import Experiment
 from sacred.observers import FileStorageObserver, MongoObserver, RunObserver
 
+from analysis.runs import AnalysisError, mongo_url
+
 RUNS_ENV = "MULTIEXIT_RUNS"
 MONGO_ENV = "MULTIEXIT_MONGO"
 _FILE_FLAGS = ("-F", "--file_storage")
@@ -27,21 +29,18 @@ def runs_dir() -> str:
 
 
 def parse_mongo(spec: str) -> tuple[str, str]:
-    """'host:port:db', 'host:port' or 'mongodb://host:port/db' -> (url, db name; default 'multiexit')."""
-    if spec.startswith(("mongodb://", "mongodb+srv://")):
-        head, _, db = spec.partition("://")[2].partition("/")
-        return f"{spec.partition('://')[0]}://{head}", (db.split("?")[0] or "multiexit")
-    parts = spec.split(":")
-    if len(parts) not in (2, 3) or not parts[1].isdigit():
-        raise ValueError(f"{MONGO_ENV} must look like HOST:PORT[:DB] or mongodb://HOST:PORT/DB, got {spec!r}")
-    return f"mongodb://{parts[0]}:{parts[1]}", (parts[2] if len(parts) == 3 else "multiexit")
+    """'host:port[:db]' or 'mongodb://host:port/db' -> (url, db name; 'sacred' when none, as for ``-m``)."""
+    try:
+        return mongo_url(spec)
+    except AnalysisError as err:
+        raise ValueError(f"{MONGO_ENV} must look like HOST:PORT[:DB] or mongodb://HOST:PORT/DB ({err})") from None
 
 
 class ForgivingObserver(RunObserver):
     """Wraps an observer so that its failures are reported but never stop the run."""
 
     _EVENTS = ("queued_event", "heartbeat_event", "completed_event", "interrupted_event", "failed_event",
-               "resource_event", "artifact_event", "log_metrics")
+               "resource_event", "artifact_event", "log_metrics", "join")
 
     def __init__(self, inner: RunObserver):
         self.inner = inner

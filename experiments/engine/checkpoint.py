@@ -55,6 +55,7 @@ def resolve_snapshot(ref: str | int, experiment: str, root: str | Path = SNAPSHO
             if (cand / fname).is_file():
                 return cand / fname
     tried = ", ".join(str(c) for c in candidates)
-    runs = sorted(p.name for p in (Path(root) / experiment).glob("*") if p.is_dir())
+    runs = sorted((p.name for p in (Path(root) / experiment).glob("*") if p.is_dir()),
+                  key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
     known = f" Runs with snapshots under {Path(root) / experiment}: {', '.join(runs)}." if runs else ""
     raise FileNotFoundError(f"Cannot find a snapshot for {ref!r} (tried {tried}).{known}")

@@ -1,6 +1,7 @@
 """The shared body of every experiment: train a multi-exit model, keep snapshots, write the record."""
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -21,11 +22,21 @@ def plain(config: Any) -> Any:
 
 
 def run_folder(run: Any, experiment: str, root: str) -> Path:
-    """``<root>/<experiment>/<run id>/``; runs without an observer get a timestamp instead of an id."""
-    run_id = getattr(run, "_id", None) or time.strftime("local-%Y%m%d-%H%M%S")
-    folder = snapshot_dir(experiment, run_id, root)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    """``<root>/<experiment>/<run id>/``; runs without an observer get a new timestamped folder instead."""
+    run_id = getattr(run, "_id", None)
+    if run_id not in (None, ""):
+        folder = snapshot_dir(experiment, run_id, root)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    # Unobserved runs started within the same second must not share (and overwrite) one folder.
+    stamp = time.strftime("local-%Y%m%d-%H%M%S")
+    for n in itertools.count():
+        folder = snapshot_dir(experiment, stamp if n == 0 else f"{stamp}-{n}", root)
+        try:
+            folder.mkdir(parents=True, exist_ok=False)
+            return folder
+        except FileExistsError:
+            continue
 
 
 def fit_and_record(

@@ -127,8 +127,18 @@ class Trainer:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
 
     def resume(self, path: str | Path) -> None:
-        """Continue from a ``last.pt`` written by an interrupted run."""
+        """Continue from a ``last.pt`` written by an interrupted run.
+
+        The interrupted run's ``best.pt`` (next to ``last.pt``) comes along into this run's snapshot folder,
+        so ``select='best_val'`` still finds the best epoch reached before the interruption.
+        """
+        path = Path(path)
         self.load_state_dict(load_snapshot(path, map_location=self.device))
+        best, mine = path.parent / "best.pt", (self.snapshot_dir / "best.pt" if self.snapshot_dir else None)
+        if self.select == "best_val" and mine is not None and best.is_file() and best.resolve() != mine.resolve():
+            snapshot = load_snapshot(best, map_location="cpu")
+            if snapshot.get("epoch") == self.best_epoch:
+                save_atomic(snapshot, mine)
 
     # ------------------------------------------------------------------------------- training
     def _log(self, metrics: dict[str, float], step: int) -> None:

@@ -5,6 +5,7 @@ import torch
 from sacred import Ingredient
 
 from data import DataBundle, build_data
+from experiments.ingredients import ingredient
 
 
 def data_config():
@@ -27,13 +28,9 @@ FAST = dict(name="synthetic", batch_size=32, eval_batch_size=64, val_size=64, n_
 
 def data_ingredient(**defaults) -> Ingredient:
     """A ``data`` ingredient whose defaults are the paper's; ``data.fast`` is tiny synthetic data."""
-    ingredient = Ingredient("data")
-    ingredient.config(data_config)
-    if defaults:
-        ingredient.add_config(defaults)
-    ingredient.add_named_config("fast", FAST)
-    ingredient.add_named_config("fashion_mnist", dict(name="fashion_mnist", val_size=5000, n_per_class=None))
-    return ingredient
+    return ingredient("data", data_config, defaults, {
+        "fast": FAST, "fashion_mnist": dict(name="fashion_mnist", val_size=5000, n_per_class=None),
+    })
 
 
 def build(config: dict, device: torch.device, seed: int) -> DataBundle:

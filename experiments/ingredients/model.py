@@ -10,6 +10,7 @@ import inspect
 
 from sacred import Ingredient
 
+from experiments.ingredients import ingredient
 from models import MultiExitNetwork, create_model
 from models.msdnet import MSDNET_PRESETS, MSDNet
 
@@ -32,12 +33,8 @@ def model_config():
 
 def model_ingredient(preset: str = "phuong_cifar", **defaults) -> Ingredient:
     """A ``model`` ingredient defaulting to an MSDNet preset; one named config per preset."""
-    ingredient = Ingredient("model")
-    ingredient.config(model_config)
-    ingredient.add_config(dict(msdnet=msdnet_knobs(preset), **defaults))
-    for name in MSDNET_PRESETS:
-        ingredient.add_named_config(name, dict(arch="msdnet", msdnet=msdnet_knobs(name)))
-    return ingredient
+    presets = {name: dict(arch="msdnet", msdnet=msdnet_knobs(name)) for name in MSDNET_PRESETS}
+    return ingredient("model", model_config, dict(msdnet=msdnet_knobs(preset), **defaults), presets)
 
 
 def family(arch: str) -> str:

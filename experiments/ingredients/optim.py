@@ -7,6 +7,7 @@ import torch
 from sacred import Ingredient
 
 from experiments.engine.schedules import build_scheduler
+from experiments.ingredients import ingredient
 
 
 def optim_config():
@@ -22,11 +23,7 @@ def optim_config():
 
 def optim_ingredient(**defaults) -> Ingredient:
     """An ``optim`` ingredient whose defaults are the paper's."""
-    ingredient = Ingredient("optim")
-    ingredient.config(optim_config)
-    if defaults:
-        ingredient.add_config(defaults)
-    return ingredient
+    return ingredient("optim", optim_config, defaults)
 
 
 def build_optimizer(config: dict, params: Iterable[torch.nn.Parameter]) -> torch.optim.SGD:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from sacred import Ingredient
 
+from experiments.ingredients import ingredient
+
 
 def train_config():
     epochs = 300  # training epochs
@@ -21,9 +23,4 @@ FAST = dict(epochs=2, latency_batch=4, progress=False)
 
 def train_ingredient(**defaults) -> Ingredient:
     """A ``train`` ingredient whose defaults are the paper's; ``train.fast`` runs two epochs."""
-    ingredient = Ingredient("train")
-    ingredient.config(train_config)
-    if defaults:
-        ingredient.add_config(defaults)
-    ingredient.add_named_config("fast", FAST)
-    return ingredient
+    return ingredient("train", train_config, defaults, {"fast": FAST})

@@ -242,6 +242,17 @@ def test_unobserved_runs_never_share_a_snapshot_folder(tmp_path):
     assert run_folder(SimpleNamespace(_id=4), "exp", str(tmp_path)) == tmp_path / "exp" / "4"
 
 
+def test_a_reused_run_id_moves_the_older_snapshots_aside(tmp_path):
+    # a new runs folder restarts ids at 1: the older run's snapshots must survive, the id names the new run
+    old = run_folder(SimpleNamespace(_id=1), "exp", str(tmp_path))
+    (old / "best.pt").write_bytes(b"older run")
+    with pytest.warns(UserWarning, match="older run with the same id"):
+        new = run_folder(SimpleNamespace(_id=1), "exp", str(tmp_path))
+    assert new == old and not any(new.iterdir())
+    (aside,) = [p for p in (tmp_path / "exp").iterdir() if p.name.startswith("1.replaced-")]
+    assert (aside / "best.pt").read_bytes() == b"older run"
+
+
 # ------------------------------------------------------------------------------------------- resume (Trainer)
 def _tiny_classification(seed: int = 0):
     g = torch.Generator().manual_seed(seed)

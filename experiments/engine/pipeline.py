@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,18 @@ def plain(config: Any) -> Any:
 
 
 def run_folder(run: Any, experiment: str, root: str) -> Path:
-    """``<root>/<experiment>/<run id>/``; runs without an observer get a new timestamped folder instead."""
+    """``<root>/<experiment>/<run id>/``; runs without an observer get a new timestamped folder instead.
+
+    Run ids restart when a runs folder (or database) is new, so an existing folder of the same id
+    belongs to an older run: it is renamed aside, never overwritten, and the id keeps naming this run.
+    """
     run_id = getattr(run, "_id", None)
     if run_id not in (None, ""):
         folder = snapshot_dir(experiment, run_id, root)
+        if folder.is_dir() and any(folder.iterdir()):
+            aside = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            folder.rename(aside)
+            warnings.warn(f"{folder} held snapshots of an older run with the same id; moved them to {aside}")
         folder.mkdir(parents=True, exist_ok=True)
         return folder
     # Unobserved runs started within the same second must not share (and overwrite) one folder.

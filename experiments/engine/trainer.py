@@ -152,7 +152,9 @@ class Trainer:
         n_exits = self.model.num_exits
         correct = torch.zeros(n_exits, device=self.device)
         loss_sum, seen, start = 0.0, 0, time.perf_counter()
-        batches = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}", leave=False, disable=not self.progress)
+        # disable=None: bars only on an interactive terminal, never in log files.
+        batches = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}", leave=False,
+                       disable=None if self.progress else True)
         for x, y in batches:
             x = to_memory_format(x, self.channels_last)
             with autocast(self.device, self.amp):

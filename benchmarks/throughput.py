@@ -16,11 +16,9 @@ import torch
 
 from experiments.engine.hardware import autocast, resolve_device, to_memory_format
 from experiments.ingredients.model import msdnet_knobs
+from experiments.multiexit_distillation import QUICK_MSDNET
 from losses import ExitCrossEntropy
 from models import create_model
-
-QUICK_MSDNET = dict(n_blocks=5, base=2, step=2, n_channels=6, growth_rate=6, bn_factor=[2, 2, 2], head_width=32)
-
 
 def build(args: argparse.Namespace) -> torch.nn.Module:
     kwargs = {}

@@ -26,15 +26,6 @@ SCRIPT = REPO / "experiments" / "multiexit_distillation.py"
 QUIET = {"--loglevel": "ERROR"}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on 2 shared cores, two spinning OpenMP threads make tiny convolutions ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def no_observers(monkeypatch):
     """Leave ``ex.observers`` as it was after the test (empty during it)."""

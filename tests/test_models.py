@@ -11,15 +11,6 @@ from models.multiexit import GE_SCOPES
 from models.resnet_cifar import CifarResNet
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on 2 shared cores, two spinning OpenMP threads make tiny convolutions ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def resnet_backbone_params(depth: int, width: int = 16, in_channels: int = 3) -> list[int]:
     """Parameters of stem + stage 1..3 (option-A shortcuts have none), counted by hand.
 

@@ -21,6 +21,7 @@ def data_config():
     augment = True  # random translation (+ flip where sensible) on training images only
     split_seed = 0  # seed of the train/validation split (independent of the run's seed)
     split_file = None  # reuse a saved split (.npz) instead of drawing one
+    locals()  # sacred reads these names; this line tells linters they are used
 
 
 FAST = dict(name="synthetic", batch_size=32, eval_batch_size=64, val_size=64, n_per_class=None, augment=True)

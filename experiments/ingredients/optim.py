@@ -19,6 +19,7 @@ def optim_config():
     milestones = [150, 225]  # multistep: epochs at which the lr is multiplied by gamma
     gamma = 0.1  # multistep decay factor
     warmup_epochs = 0  # linear warmup length in epochs
+    locals()  # sacred reads these names; this line tells linters they are used
 
 
 def optim_ingredient(**defaults) -> Ingredient:

@@ -16,6 +16,7 @@ def train_config():
     resume = None  # a last.pt (or its run folder) of an interrupted run to continue from
     latency_batch = 64  # batch size of the per-exit latency measurement (0: skip)
     progress = True  # tqdm progress bar per epoch
+    locals()  # sacred reads these names; this line tells linters they are used
 
 
 FAST = dict(epochs=2, latency_batch=4, progress=False)

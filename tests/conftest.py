@@ -43,8 +43,10 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def mongo_url():
     """``mongodb://127.0.0.1:PORT/`` of a fresh in-memory mongoeco server for this test session."""
-    if not MONGOECO_PYTHON.exists():
-        pytest.skip(f"no mongoeco Python at {MONGOECO_PYTHON}: run `bash scripts/mongoeco.sh` "
+    usable = MONGOECO_PYTHON.exists() and subprocess.run(
+        [str(MONGOECO_PYTHON), "-c", "import mongoeco.wire, bson"], capture_output=True).returncode == 0
+    if not usable:
+        pytest.skip(f"no Python with mongoeco[wire] at {MONGOECO_PYTHON}: run `bash scripts/mongoeco.sh` "
                     "or set MULTIEXIT_MONGOECO_PYTHON to a Python with mongoeco[wire] installed")
     errors = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([str(MONGOECO_PYTHON), "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,

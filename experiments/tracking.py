@@ -98,4 +98,8 @@ def run_cli(ex: Experiment, argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
     ex.observers.extend(default_observers(argv))
     sacred.experiment.print_filtered_stacktrace = _print_error  # sacred's CLI reports failures through it
-    ex.run_commandline(argv)
+    try:
+        ex.run_commandline(argv)
+    except KeyboardInterrupt as err:  # the run is recorded INTERRUPTED; the trainer said where last.pt is
+        print(f"interrupted: {err or 'KeyboardInterrupt'}", file=sys.stderr)
+        sys.exit(130)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from analysis.exit_record import ExitRecord
+from data import TensorLoader
 from experiments.engine.checkpoint import load_snapshot, resolve_snapshot, save_atomic, snapshot_dir
 from experiments.engine.pipeline import run_folder
 from experiments.engine.schedules import build_scheduler, lr_factor
@@ -302,6 +305,49 @@ def test_trainer_resume_matches_a_straight_run(tmp_path):
         torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
     assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]
     assert resumed.scheduler.last_epoch == straight.scheduler.last_epoch == 4
+
+
+class SignalAtStep(ExitCrossEntropy):
+    """Cross-entropy that sends this process SIGINT after optimisation step ``step`` (a Ctrl-C mid-epoch)."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step, self.calls = step, 0
+
+    def after_batch(self, outputs):
+        self.calls += 1
+        if self.calls == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_signal_stops_at_a_step_boundary_and_the_run_resumes_exactly(tmp_path):
+    """Ctrl-C in the middle of epoch 2 saves last.pt at that step; resuming gives the straight run's weights."""
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (24, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(24) % 3
+
+    def build(seed, loss, folder):
+        torch.manual_seed(seed)
+        loader = TensorLoader(images, labels, (0.5,) * 3, (0.25,) * 3, batch_size=4, shuffle=True, pad=1, flip=True,
+                              seed=7)
+        model = create_model("resnet8", num_classes=3, width=4)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scheduler = build_scheduler(optimizer, 2, len(loader), "cosine")
+        return Trainer(model, loss, optimizer, scheduler, loader, None, CPU, select="last", progress=False,
+                       snapshot_dir=tmp_path / folder)
+
+    straight = build(0, ExitCrossEntropy(), "straight")
+    straight.fit(2)
+    interrupted = build(0, SignalAtStep(8), "interrupted")  # 6 steps per epoch: step 8 is inside epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(2)
+    saved = load_snapshot(tmp_path / "interrupted" / "last.pt")
+    assert saved["epoch"] == 1 and saved["train_loader"]["batches_done"] == 2 and saved["scheduler"]["last_epoch"] == 8
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored after fit
+    resumed = build(99, ExitCrossEntropy(), "resumed")
+    resumed.resume(tmp_path / "interrupted" / "last.pt")
+    resumed.fit(2)
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
 
 
 # ------------------------------------------------------------------------------------------- resume (experiment)

@@ -7,7 +7,10 @@ continues exactly where it stopped. Checkpoints are chosen on the validation spl
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,11 @@ from losses.base import MultiExitLoss
 from models.multiexit import MultiExitNetwork
 
 SELECT_MODES = ("best_val", "last")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequested(Exception):
+    """Raised at a step boundary after SIGINT/SIGTERM, so the state saved there resumes exactly."""
 
 
 @dataclass
@@ -90,6 +98,7 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.best_score = -math.inf
         self.best_epoch = -1
+        self.stop_signal: int | None = None  # set by SIGINT/SIGTERM while ``fit`` runs
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -174,6 +183,8 @@ class Trainer:
                 correct += torch.stack([(z.argmax(1) == y).sum() for z in outputs])
             loss_sum += loss.item() * len(y)
             seen += len(y)
+            if self.stop_signal is not None:
+                raise StopRequested
         elapsed = time.perf_counter() - start
         metrics = {"train.loss": loss_sum / max(seen, 1), "train.images_per_sec": seen / max(elapsed, 1e-9)}
         metrics.update({f"train.acc.exit{k + 1}": (c / max(seen, 1)).item() for k, c in enumerate(correct)})
@@ -203,19 +214,64 @@ class Trainer:
         metrics[f"{prefix}.loss"] = loss
         return metrics
 
+    @contextlib.contextmanager
+    def _stop_at_step_boundary(self):
+        """While training, SIGINT/SIGTERM only ask the loop to stop after the current step (a second
+        SIGINT stops at once); the loop then saves ``last.pt`` mid-epoch and raises KeyboardInterrupt."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+        def request_stop(signum, frame):
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, request_stop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
     def fit(self, epochs: int) -> list[EpochResult]:
-        """Train until ``epochs`` epochs are done (continuing after ``resume``)."""
+        """Train until ``epochs`` epochs are done (continuing after ``resume``).
+
+        An interruption (Ctrl-C, or SIGTERM from a scheduler) is honoured at the next step boundary:
+        ``last.pt`` then holds the state within the epoch, and ``train.resume`` continues from the very next
+        batch (that epoch's training metrics cover only the batches after the resume).
+        """
         history = []
-        while self.epoch < epochs:
-            metrics = self.train_epoch()
-            self.epoch += 1
-            if self.val_loader is not None:
-                metrics.update(self.evaluate(self.val_loader, "val"))
-            self._log(metrics, self.epoch)
-            self._checkpoint(metrics)
-            history.append(EpochResult(self.epoch, metrics))
-            print(self._summary_line(metrics, epochs), flush=True)
+        with self._stop_at_step_boundary():
+            while self.epoch < epochs:
+                try:
+                    metrics = self.train_epoch()
+                except StopRequested:
+                    self._stop(save=True)
+                history.append(self._end_epoch(metrics, epochs))
+                if self.stop_signal is not None:  # arrived during validation: last.pt already holds this epoch
+                    self._stop(save=False)
         return history
+
+    def _stop(self, save: bool) -> None:
+        if save and self.snapshot_dir is not None:
+            save_atomic(self.state_dict(), self.snapshot_dir / "last.pt")
+        where = f"train.resume={self.snapshot_dir / 'last.pt'}" if self.snapshot_dir else "no snapshot folder"
+        print(f"stopped by signal {self.stop_signal} after {self.epoch} full epochs; resume exactly with {where}",
+              flush=True)
+        raise KeyboardInterrupt(f"stopped by signal {self.stop_signal}") from None
+
+    def _end_epoch(self, metrics: dict[str, float], epochs: int) -> EpochResult:
+        """Validate, log, checkpoint and report one finished epoch."""
+        self.epoch += 1
+        if self.val_loader is not None:
+            metrics.update(self.evaluate(self.val_loader, "val"))
+        self._log(metrics, self.epoch)
+        self._checkpoint(metrics)
+        print(self._summary_line(metrics, epochs), flush=True)
+        return EpochResult(self.epoch, metrics)
 
     def _summary_line(self, metrics: dict[str, float], epochs: int) -> str:
         accs = " ".join(f"{metrics[f'val.acc.exit{k + 1}']:.3f}" for k in range(self.model.num_exits) if f"val.acc.exit{k + 1}" in metrics)

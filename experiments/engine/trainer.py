@@ -12,6 +12,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -99,6 +100,7 @@ class Trainer:
         self.best_score = -math.inf
         self.best_epoch = -1
         self.stop_signal: int | None = None  # set by SIGINT/SIGTERM while ``fit`` runs
+        self.planned_epochs: int | None = None  # the ``epochs`` of ``fit``, kept to check a resume against
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -111,6 +113,7 @@ class Trainer:
             "epoch": self.epoch,
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
+            "planned_epochs": self.planned_epochs,
             "torch_rng": torch.get_rng_state(),
             "meta": self.meta,
         }
@@ -129,6 +132,7 @@ class Trainer:
         self.epoch = state["epoch"]
         self.best_score = state["best_score"]
         self.best_epoch = state["best_epoch"]
+        self.planned_epochs = state.get("planned_epochs")
         torch.set_rng_state(state["torch_rng"].cpu())
         if "train_loader" in state and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["train_loader"])
@@ -243,6 +247,10 @@ class Trainer:
         ``last.pt`` then holds the state within the epoch, and ``train.resume`` continues from the very next
         batch (that epoch's training metrics cover only the batches after the resume).
         """
+        if self.planned_epochs not in (None, epochs):
+            warnings.warn(f"resuming a run planned for {self.planned_epochs} epochs with epochs={epochs}: "
+                          "epoch-based schedules (cosine, warmup) change from here on")
+        self.planned_epochs = epochs
         history = []
         with self._stop_at_step_boundary():
             while self.epoch < epochs:

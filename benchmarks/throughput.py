@@ -19,6 +19,7 @@ from experiments.ingredients.model import msdnet_knobs
 from experiments.multiexit_distillation import QUICK_MSDNET
 from losses import ExitCrossEntropy
 from models import create_model
+from models.cost import synchronize
 
 def build(args: argparse.Namespace) -> torch.nn.Module:
     kwargs = {}
@@ -40,8 +41,7 @@ def images_per_second(model, device, amp: str, channels_last: bool, batch: int, 
     model.train(train)
     for step in range(steps + 2):  # two warm-up steps
         if step == 2:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
         with torch.set_grad_enabled(train), autocast(device, amp):
             outputs = model(x)
@@ -51,8 +51,7 @@ def images_per_second(model, device, amp: str, channels_last: bool, batch: int, 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return steps * batch / (time.perf_counter() - start)
 
 

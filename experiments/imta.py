@@ -97,9 +97,7 @@ def quick():
 def fast():
     # Seconds, for tests: tiny synthetic data, a 3-exit two-scale MSDNet, two epochs.
     data = data_ing.FAST
-    model = dict(arch="msdnet", msdnet=dict(model_ing.msdnet_knobs("cifar_anytime"), n_blocks=3, base=1, step=1,
-                                            n_channels=4, growth_rate=4, gr_factor=[1, 2], bn_factor=[1, 2],
-                                            prune="min", head_width=8, n_scales=2))
+    model = dict(arch="msdnet", msdnet=dict(model_ing.msdnet_knobs("cifar_anytime"), **model_ing.FAST_MSDNET))
     optim = dict(lr=0.05, schedule="cosine")
     train = train_ing.FAST
     locals()  # sacred reads these names; this line tells linters they are used

@@ -39,8 +39,8 @@ def parse_mongo(spec: str) -> tuple[str, str]:
 class ForgivingObserver(RunObserver):
     """Wraps an observer so that its failures are reported but never stop the run."""
 
-    _EVENTS = ("queued_event", "heartbeat_event", "completed_event", "interrupted_event", "failed_event",
-               "resource_event", "artifact_event", "log_metrics", "join")
+    _EVENTS = ("started_event", "queued_event", "heartbeat_event", "completed_event", "interrupted_event",
+               "failed_event", "resource_event", "artifact_event", "log_metrics", "join")
 
     def __init__(self, inner: RunObserver):
         self.inner = inner
@@ -60,9 +60,6 @@ class ForgivingObserver(RunObserver):
             return None
 
         return call
-
-    def started_event(self, *args, **kwargs):
-        return self._guarded("started_event")(*args, **kwargs)
 
 
 def default_observers(argv: Sequence[str]) -> list[RunObserver]:

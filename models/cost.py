@@ -84,7 +84,8 @@ def count_exit_costs(model: MultiExitNetwork, input_shape: tuple[int, ...]) -> E
     return ExitCost(macs=macs, params=params)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings measure it (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -105,13 +106,13 @@ def measure_exit_latency(
     rows = []
     try:
         for i in range(warmup + repeats):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             state = model.init_state(x)
             stamps = []
             for k in range(model.num_exits):
                 state, _ = model.run_stage(k, state)
-                _sync(device)
+                synchronize(device)
                 stamps.append(time.perf_counter() - start)
             if i >= warmup:
                 rows.append(stamps)

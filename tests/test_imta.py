@@ -8,7 +8,7 @@ import torch
 from sacred.observers import FileStorageObserver
 
 from experiments import imta
-from experiments.ingredients.model import msdnet_knobs
+from experiments.ingredients.model import FAST_MSDNET, msdnet_knobs
 from losses import OneForAllLoss
 from models import build_imta, count_exit_costs, create_model
 
@@ -16,8 +16,7 @@ LN3 = math.log(3.0)
 
 
 def tiny_msdnet(num_classes=5):
-    knobs = dict(msdnet_knobs("cifar_anytime"), n_blocks=3, base=1, step=1, n_channels=4, growth_rate=4,
-                 gr_factor=[1, 2], bn_factor=[1, 2], prune="min", head_width=8, n_scales=2)
+    knobs = dict(msdnet_knobs("cifar_anytime"), **FAST_MSDNET)
     torch.manual_seed(0)
     return create_model("msdnet", num_classes=num_classes, in_channels=3, image_size=16, **knobs)
 

@@ -21,6 +21,11 @@ MSDNET_KNOBS = {
 }
 
 
+# A tiny two-scale, 3-exit MSDNet for tests and smoke runs (16 px synthetic images).
+FAST_MSDNET = dict(n_blocks=3, base=1, step=1, stepmode="even", n_channels=4, growth_rate=4, gr_factor=[1, 2],
+                   bn_factor=[1, 2], prune="min", head_width=8, n_scales=2)
+
+
 def msdnet_knobs(preset: str) -> dict:
     """Every MSDNet knob, with the preset's values over the builder's defaults."""
     return {**MSDNET_KNOBS, **MSDNET_PRESETS[preset]}
@@ -34,8 +39,9 @@ def model_config():
 
 def model_ingredient(preset: str = "phuong_cifar", **defaults) -> Ingredient:
     """A ``model`` ingredient defaulting to an MSDNet preset; one named config per preset."""
-    presets = {name: dict(arch="msdnet", msdnet=msdnet_knobs(name)) for name in MSDNET_PRESETS}
-    return ingredient("model", model_config, dict(msdnet=msdnet_knobs(preset), **defaults), presets)
+    named = {name: dict(arch="msdnet", msdnet=msdnet_knobs(name)) for name in MSDNET_PRESETS}
+    named["fast"] = dict(arch="msdnet", msdnet=FAST_MSDNET)
+    return ingredient("model", model_config, dict(msdnet=msdnet_knobs(preset), **defaults), named)
 
 
 def family(arch: str) -> str:

@@ -2,7 +2,9 @@
 
 A group is a tuple of run-table columns, by default ``(experiment, variant)``; the runs of one group are
 the seeds of one method. Standard deviations are sample standard deviations (ddof=1) over runs, NaN for a
-single run. Accuracies are fractions; costs are MACs, as in the exit records.
+single run. Accuracies are fractions; costs are MACs, as in the exit records. A run whose exit record is
+missing or corrupt, or has no validation split to fit budgeted thresholds on, is left out of both curves
+with a :class:`analysis.runs.SkippedRunWarning` and listed in :attr:`Curves.skipped`.
 """
 from __future__ import annotations
 
@@ -15,21 +17,23 @@ import pandas as pd
 from analysis.anytime import anytime_curve
 from analysis.budgeted import DEFAULT_PS, Confidence, accuracy_at_budget, budgeted_curve
 from analysis.exit_record import ExitRecord
-from analysis.runs import AnalysisError, load_exit_record
+from analysis.runs import AnalysisError, load_exit_record, warn_skipped
 
 DEFAULT_GROUP = ("experiment", "variant")
 _RUN_KEYS = ("run_id", "experiment", "variant", "seed")
+SKIPPED_COLUMNS = ["run_id", "uid", "reason"]
 
 
 @dataclass
 class Curves:
-    """Per-run curves (long tables, one block per run) and their per-group aggregates."""
+    """Per-run curves (long tables, one block per run), their per-group aggregates, and the runs left out."""
 
     group_by: tuple[str, ...]
     anytime_runs: pd.DataFrame
     budgeted_runs: pd.DataFrame
     anytime: pd.DataFrame
     budgeted: pd.DataFrame
+    skipped: pd.DataFrame  # SKIPPED_COLUMNS: run_id, uid, reason
 
 
 def _prepare(runs: pd.DataFrame, group_by: Sequence[str]) -> pd.DataFrame:
@@ -43,17 +47,30 @@ def _prepare(runs: pd.DataFrame, group_by: Sequence[str]) -> pd.DataFrame:
     return runs
 
 
+def _run_curves(record: ExitRecord, tag: dict, ps: np.ndarray,
+                confidence: Confidence) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(anytime, budgeted) of one record; ValueError when it cannot give both (e.g. no validation split)."""
+    budgeted = budgeted_curve(record, ps=ps, confidence=confidence)
+    return anytime_curve(record).assign(**tag), budgeted.assign(**tag)
+
+
+def _skip_reason(err: Exception) -> str:
+    """Loader errors already say what is wrong; curve errors need to say it was the record's content."""
+    return f"{err}" if isinstance(err, AnalysisError) else f"unusable exit record: {err}"
+
+
 def per_run_curves(
     runs: pd.DataFrame,
     group_by: Sequence[str] = DEFAULT_GROUP,
     ps: np.ndarray = DEFAULT_PS,
     confidence: Confidence = "max_prob",
     loader: Callable[[str, object], ExitRecord] = load_exit_record,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(anytime, budgeted) long tables over every run of ``runs`` that has an exit record.
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(anytime, budgeted, skipped) long tables over every run of ``runs`` that has a usable exit record.
 
-    Each block carries the run's ``run_id``, ``experiment``, ``variant``, ``seed`` and group columns.
-    Raises :class:`AnalysisError` if no run has an exit record.
+    Each curve block carries the run's ``run_id``, ``experiment``, ``variant``, ``seed`` and group columns;
+    ``skipped`` names the runs left out (a warning each) and why. Raises :class:`AnalysisError` if no run
+    has an exit record, or none of them is usable.
     """
     group_by = tuple(group_by)
     runs = _prepare(runs, group_by)
@@ -62,14 +79,23 @@ def per_run_curves(
     if runs.empty:
         raise AnalysisError("none of the selected runs has an exit record (artifact exit_record.npz)")
     keys = list(dict.fromkeys([*_RUN_KEYS, *group_by]))
-    anytime, budgeted = [], []
+    anytime, budgeted, skipped = [], [], []
     for _, row in runs.iterrows():
-        record = loader(row["source"], row["run_id"])
-        tag = {k: row[k] for k in keys if k in row.index}
-        anytime.append(anytime_curve(record).assign(**tag))
-        budgeted.append(budgeted_curve(record, ps=ps, confidence=confidence).assign(**tag))
+        try:
+            curves = _run_curves(loader(row["source"], row["run_id"]), {k: row[k] for k in keys if k in row.index},
+                                 ps, confidence)
+        except (AnalysisError, ValueError) as err:
+            skipped.append({"run_id": row["run_id"], "uid": row.get("uid"), "reason": _skip_reason(err)})
+            warn_skipped(row["run_id"], row.get("uid"), skipped[-1]["reason"])
+            continue
+        anytime.append(curves[0])
+        budgeted.append(curves[1])
+    skipped = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
+    if not anytime:
+        reasons = "; ".join(f"run {s.run_id} (uid {s.uid or '-'}): {s.reason}" for s in skipped.itertuples())
+        raise AnalysisError(f"none of the {len(runs)} runs with an exit record could be analysed: {reasons}")
     order = lambda df: df[[*[k for k in keys if k in df.columns], *[c for c in df.columns if c not in keys]]]
-    return order(pd.concat(anytime, ignore_index=True)), order(pd.concat(budgeted, ignore_index=True))
+    return order(pd.concat(anytime, ignore_index=True)), order(pd.concat(budgeted, ignore_index=True)), skipped
 
 
 def _aggregate(per_run: pd.DataFrame, group_by: Sequence[str], at: str, values: dict[str, list[str]]) -> pd.DataFrame:
@@ -104,9 +130,9 @@ def compute_curves(
 ) -> Curves:
     """Per-run and aggregated anytime and budgeted curves of the runs of a :func:`load_runs` table."""
     group_by = tuple(group_by)
-    anytime_runs, budgeted_runs = per_run_curves(runs, group_by, ps, confidence, loader)
+    anytime_runs, budgeted_runs, skipped = per_run_curves(runs, group_by, ps, confidence, loader)
     return Curves(group_by, anytime_runs, budgeted_runs,
-                  aggregate_anytime(anytime_runs, group_by), aggregate_budgeted(budgeted_runs, group_by))
+                  aggregate_anytime(anytime_runs, group_by), aggregate_budgeted(budgeted_runs, group_by), skipped)
 
 
 def group_label(key, group_by: Sequence[str]) -> str:

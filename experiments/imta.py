@@ -10,17 +10,20 @@ Defaults are the CIFAR-100 budgeted recipe (5-exit MSDNet, 45k/5k split, 300 epo
 """
 from __future__ import annotations
 
-from experiments.engine.checkpoint import load_snapshot, resolve_snapshot
+from experiments.engine.checkpoint import load_snapshot
 from experiments.engine.hardware import resolve_device
 from experiments.engine.pipeline import fit_and_record
 from experiments.ingredients import data as data_ing
 from experiments.ingredients import model as model_ing
 from experiments.ingredients import optim as optim_ing
 from experiments.ingredients import train as train_ing
+from experiments.identity import TrackedExperiment
+from experiments.references import ResolvedRun, resolve_run, stores_of
 from experiments.tracking import run_cli
-from losses import ExitCrossEntropy, OneForAllLoss
+from experiments.validation import boolean, choice, merge_rules, number, register_rules
+from losses import KL_REDUCTIONS, ExitCrossEntropy, OneForAllLoss
 from models import build_imta
-from sacred import Experiment
+from models.imta import FROZEN_BN_MODES
 
 NAME = "imta"
 STAGES = ("ge", "imta")
@@ -31,7 +34,7 @@ model_ingredient = model_ing.model_ingredient("cifar_budgeted")
 optim_ingredient = optim_ing.optim_ingredient(lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
                                               schedule="multistep", milestones=[150, 225], gamma=0.1)
 train_ingredient = train_ing.train_ingredient(epochs=300)
-ex = Experiment(NAME, ingredients=[data_ingredient, model_ingredient, optim_ingredient, train_ingredient])
+ex = TrackedExperiment(NAME, ingredients=[data_ingredient, model_ingredient, optim_ingredient, train_ingredient])
 
 
 @ex.config
@@ -47,16 +50,29 @@ def config():
     locals()  # sacred reads these names; this line tells linters they are used
 
 
+RULES = dict(
+    stage=choice(*STAGES),
+    ge_scope=choice(*GE_VARIANTS),
+    ge_run=train_ing.SNAPSHOT_REF,
+    gamma=number(min=0, max=1),
+    temperature=number(min=0, min_open=True),
+    kl_reduction=choice(*KL_REDUCTIONS),
+    isc_detach=boolean,
+    frozen_bn=choice(*FROZEN_BN_MODES),
+)
+register_rules(NAME, merge_rules(data_ing.RULES, model_ing.RULES, optim_ing.RULES, train_ing.RULES, RULES))
+
+
 @ex.named_config
 def cifar100_anytime():
-    # 7-exit MSDNet for anytime prediction (MSDNet-PyTorch recipe); 5k held out to select checkpoints.
+    """7-exit MSDNet for anytime prediction (MSDNet-PyTorch recipe); 5k held out to select checkpoints."""
     model = dict(arch="msdnet", msdnet=model_ing.msdnet_knobs("cifar_anytime"))
     locals()  # sacred reads these names; this line tells linters they are used
 
 
 @ex.named_config
 def cifar100_budgeted():
-    # 5-exit MSDNet for budgeted batch classification, 45k train / 5k validation (the default).
+    """5-exit MSDNet for budgeted batch classification, 45k train / 5k validation (the default)."""
     model = dict(arch="msdnet", msdnet=model_ing.msdnet_knobs("cifar_budgeted"))
     data = dict(name="cifar100", val_size=5000)
     locals()  # sacred reads these names; this line tells linters they are used
@@ -64,7 +80,7 @@ def cifar100_budgeted():
 
 @ex.named_config
 def imagenet_step4():
-    # The released ImageNet scripts: 5 blocks of 4 layers, 50k held out, 90 epochs, lr x0.1 every 30, T=1, gamma=0.1.
+    """The released ImageNet scripts: 5 blocks of 4 layers, 50k held out, 90 epochs, lr x0.1 every 30, T=1, gamma=0.1"""
     model = dict(arch="msdnet", msdnet=model_ing.msdnet_knobs("imagenet_step4"))
     data = dict(name="imagenet", val_size=50000, class_balanced=True, batch_size=256, eval_batch_size=256, workers=8)
     optim = dict(milestones=[30, 60])
@@ -76,7 +92,7 @@ def imagenet_step4():
 
 @ex.named_config
 def released():
-    # Stage 2 as the released code runs it: KLDivLoss 'mean' reduction, frozen BatchNorm in train mode.
+    """Stage 2 as the released code runs it: KLDivLoss 'mean' reduction, frozen BatchNorm in train mode."""
     kl_reduction = "mean"
     frozen_bn = "train"
     locals()  # sacred reads these names; this line tells linters they are used
@@ -84,7 +100,7 @@ def released():
 
 @ex.named_config
 def quick():
-    # Fashion-MNIST in minutes on 2 CPU cores: 300 images/class, a 4-exit MSDNet, bf16, 6 epochs per stage.
+    """Fashion-MNIST in minutes on 2 CPU cores: 300 images/class, a 4-exit MSDNet, bf16, 6 epochs per stage."""
     data = dict(name="fashion_mnist", n_per_class=300, val_size=500, batch_size=64, eval_batch_size=500)
     model = dict(arch="msdnet", msdnet=dict(model_ing.msdnet_knobs("cifar_anytime"), n_blocks=4, base=2, step=2,
                                             n_channels=8, growth_rate=6, head_width=32))
@@ -95,7 +111,7 @@ def quick():
 
 @ex.named_config
 def fast():
-    # Seconds, for tests: tiny synthetic data, a 3-exit two-scale MSDNet, two epochs.
+    """Seconds, for tests: tiny synthetic data, a 3-exit two-scale MSDNet, two epochs."""
     data = data_ing.FAST
     model = dict(arch="msdnet", msdnet=dict(model_ing.msdnet_knobs("cifar_anytime"), **model_ing.FAST_MSDNET))
     optim = dict(lr=0.05, schedule="cosine")
@@ -103,27 +119,35 @@ def fast():
     locals()  # sacred reads these names; this line tells linters they are used
 
 
-def load_stage1(ge_run, snapshot_root: str) -> tuple[dict, str]:
-    """The stage-1 snapshot named by ``ge_run`` (run id or path), checked to hold what stage 2 needs."""
+def resolve_parent(ge_run, snapshot_root: str, stores) -> tuple[ResolvedRun, dict]:
+    """The finished stage-1 run ``ge_run`` names (uid, run id or path) and its snapshot, checked to be stage ge."""
     if ge_run in (None, ""):
-        raise ValueError("stage=imta needs ge_run=<run id or snapshot path> of a finished stage=ge run")
-    path = resolve_snapshot(ge_run, NAME, snapshot_root)
-    snapshot = load_snapshot(path)
+        raise ValueError("stage=imta needs ge_run=<uid, run id or snapshot path> of a finished stage=ge run")
+    parent = resolve_run(ge_run, NAME, snapshot_root, stores)
+    snapshot = load_snapshot(parent.snapshot)
     meta = snapshot.get("meta", {})
-    missing = [k for k in ("model", "data", "split_file", "variant") if k not in meta]
+    missing = [k for k in ("model", "data", "variant") if k not in meta]
     if missing or meta.get("stage") != "ge":
-        raise ValueError(f"{path} is not a stage=ge snapshot of this experiment (missing {missing or ['stage=ge']})")
-    return snapshot, str(path)
+        raise ValueError(f"{parent.snapshot} is not a stage=ge snapshot of this experiment "
+                         f"(missing {missing or ['stage=ge']})")
+    return parent, snapshot
+
+
+@ex.derive_config
+def stage2_runs_on_its_parent(config: dict, stores) -> dict:
+    """Stage imta trains on stage 1's data split and network: the record says so, not the CLI's defaults."""
+    if config["stage"] != "imta":
+        return {}
+    parent, snapshot = resolve_parent(config["ge_run"], config["train"]["snapshot_root"], stores)
+    meta = snapshot["meta"]
+    return {"data": data_ing.inherit_split(config["data"], meta["data"], parent.snapshot.parent / "split.npz"),
+            "model": meta["model"]}
 
 
 @ex.main
 def main(_run, _seed, stage, ge_scope, ge_run, gamma, temperature, kl_reduction, isc_detach, frozen_bn,
          data, model, optim, train) -> dict:
     """Stage ge trains MSDNet (+GE); stage imta trains ISC classifiers with OFA on the frozen result."""
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES} (e.g. `with stage=ge`), got {stage!r}")
-    if ge_scope not in GE_VARIANTS:
-        raise ValueError(f"ge_scope must be one of {tuple(GE_VARIANTS)}, got {ge_scope!r}")
     device = resolve_device(train["device"])
     if stage == "ge":
         bundle = data_ing.build(data, device, _seed)
@@ -132,20 +156,16 @@ def main(_run, _seed, stage, ge_scope, ge_run, gamma, temperature, kl_reduction,
         variant = model["arch"] + GE_VARIANTS[ge_scope]
         meta = {"stage": "ge", "model": model, "data": data}
     else:
-        parent, parent_path = load_stage1(ge_run, train["snapshot_root"])
-        pmeta = parent["meta"]
-        # Stage 2 reuses stage 1's dataset and exact train/validation split.
-        data = {**data, "name": pmeta["data"]["name"], "n_per_class": pmeta["data"]["n_per_class"],
-                "split_file": pmeta["split_file"]}
-        bundle = data_ing.build(data, device, _seed)
-        base = model_ing.build(pmeta["model"], bundle.num_classes, bundle.in_channels, bundle.image_size)
-        base.load_state_dict(parent["model"])
+        parent, snapshot = resolve_parent(ge_run, train["snapshot_root"], stores_of(_run.observers))
+        bundle = data_ing.build(data, device, _seed)  # stage 1's split and network (stage2_runs_on_its_parent)
+        base = model_ing.build(model, bundle.num_classes, bundle.in_channels, bundle.image_size)
+        base.load_state_dict(snapshot["model"])
         net = build_imta(base, bundle.input_shape(), isc_detach=isc_detach, frozen_bn=frozen_bn)
         loss = OneForAllLoss(lambda: net.teacher_logits, gamma=gamma, temperature=temperature,
                              kl_reduction=kl_reduction)
-        variant = pmeta["variant"] + "+isc+ofa"
-        meta = {"stage": "imta", "parent": parent_path, "data": data}
-        _run.info["parent_snapshot"] = parent_path
+        variant = snapshot["meta"]["variant"] + "+isc+ofa"
+        meta = {"stage": "imta", "parent": parent.record(), "model": model, "data": data}
+        _run.info["parent"] = parent.record()
     return fit_and_record(_run, NAME, net.to(device), loss, bundle, optim, train, device, variant=variant, meta=meta)
 
 

@@ -15,9 +15,11 @@ from experiments.ingredients import data as data_ing
 from experiments.ingredients import model as model_ing
 from experiments.ingredients import optim as optim_ing
 from experiments.ingredients import train as train_ing
+from experiments.identity import TrackedExperiment
 from experiments.tracking import run_cli
+from experiments.validation import boolean, choice, merge_rules, number, optional, register_rules
 from losses import ExitCrossEntropy, PhuongDistillationLoss
-from sacred import Experiment
+from losses.phuong import TEMPERATURE_MODES
 
 NAME = "multiexit_distillation"
 
@@ -26,7 +28,7 @@ model_ingredient = model_ing.model_ingredient("phuong_cifar")
 optim_ingredient = optim_ing.optim_ingredient(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
                                               schedule="multistep", milestones=[150, 225], gamma=0.1)
 train_ingredient = train_ing.train_ingredient(epochs=300)
-ex = Experiment(NAME, ingredients=[data_ingredient, model_ingredient, optim_ingredient, train_ingredient])
+ex = TrackedExperiment(NAME, ingredients=[data_ingredient, model_ingredient, optim_ingredient, train_ingredient])
 
 # The quick recipes' 5-exit MSDNet (over the phuong_cifar knobs): 18.4 MMACs at 28x28, 0.29 M parameters.
 QUICK_MSDNET = dict(n_blocks=5, base=2, step=2, n_channels=6, growth_rate=6, bn_factor=[2, 2, 2], head_width=32)
@@ -44,16 +46,28 @@ def config():
     locals()  # sacred reads these names; this line tells linters they are used
 
 
+RULES = dict(
+    distillation=boolean,
+    c=number(min=0, max=1),
+    temperature=choice(*TEMPERATURE_MODES),
+    initial_temperature=number(min=0, min_open=True),
+    max_prob=number(min=0, max=1, min_open=True, max_open=True),
+    t_mult=number(min=1),
+    global_scale=optional(number(min=0, min_open=True)),
+)
+register_rules(NAME, merge_rules(data_ing.RULES, model_ing.RULES, optim_ing.RULES, train_ing.RULES, RULES))
+
+
 @ex.named_config
 def cifar100_full():
-    # CIFAR-100 with all training data: 45k train / 5k validation (450 + 50 per class).
+    """CIFAR-100 with all training data: 45k train / 5k validation (450 + 50 per class)."""
     data = dict(name="cifar100", n_per_class=None, val_size=5000)
     locals()  # sacred reads these names; this line tells linters they are used
 
 
 @ex.named_config
 def const_temperature():
-    # The paper's constant-temperature ablation (T = 4).
+    """The paper's constant-temperature ablation (T = 4)."""
     temperature = "const"
     initial_temperature = 4.0
     locals()  # sacred reads these names; this line tells linters they are used
@@ -61,15 +75,14 @@ def const_temperature():
 
 @ex.named_config
 def released_schedule():
-    # The released code stepped MultiStepLR at the start of each epoch: drops at 149 and 224.
+    """The released code stepped MultiStepLR at the start of each epoch: drops at 149 and 224."""
     optim = dict(milestones=[149, 224])
     locals()  # sacred reads these names; this line tells linters they are used
 
 
 @ex.named_config
 def quick():
-    # Fashion-MNIST in a few minutes on 2 CPU cores: 500 images/class (450 train + 50 val), a 5-exit MSDNet,
-    # bf16 autocast, 6 epochs.
+    """Fashion-MNIST in minutes on 2 CPU cores: 500 images/class (450 train + 50 val), 5-exit MSDNet, bf16, 6 epochs."""
     data = dict(name="fashion_mnist", n_per_class=500, val_size=500, batch_size=64, eval_batch_size=500)
     model = dict(msdnet=QUICK_MSDNET)
     optim = dict(lr=0.1, schedule="cosine")
@@ -79,7 +92,7 @@ def quick():
 
 @ex.named_config
 def quick_reduced():
-    # Phuong's reduced-data regime on Fashion-MNIST: 100 train + 50 val images per class, 30 epochs (~2 min/run).
+    """Phuong's reduced-data regime on Fashion-MNIST: 100 train + 50 val images per class, 30 epochs (~2 min/run)."""
     data = dict(name="fashion_mnist", n_per_class=150, val_size=500, batch_size=64, eval_batch_size=500)
     model = dict(msdnet=QUICK_MSDNET)
     optim = dict(lr=0.1, schedule="cosine")
@@ -89,7 +102,7 @@ def quick_reduced():
 
 @ex.named_config
 def fast():
-    # Seconds, for tests: tiny synthetic data, a 3-exit two-scale MSDNet, two epochs.
+    """Seconds, for tests: tiny synthetic data, a 3-exit two-scale MSDNet, two epochs."""
     data = data_ing.FAST
     model = dict(msdnet=model_ing.FAST_MSDNET)
     optim = dict(lr=0.05, schedule="cosine")

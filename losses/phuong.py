@@ -18,6 +18,9 @@ class PhuongDistillationLoss(MultiExitLoss):
     (1.05) after every training batch whose teacher mean max-probability at the current T exceeds
     ``max_prob`` (0.5); it never decreases. T is a buffer, so it is checkpointed (the released code
     lost it on resume). ``temperature='const'`` keeps T fixed (the paper's ablation, T = 4).
+
+    ``extra_metrics`` also reports ``ce``, the plain sum of per-exit cross-entropies averaged over the epoch's
+    training images: L itself is scaled and mixed with the distillation term, so its curve says little.
     """
 
     def __init__(
@@ -42,6 +45,9 @@ class PhuongDistillationLoss(MultiExitLoss):
         self.adaptive = temperature == "adaptive"
         self.global_scale = 10.0 / n_exits if global_scale is None else global_scale
         self.register_buffer("temperature", torch.tensor(float(initial_temperature), dtype=torch.float64))
+        # Summed on the device, read once per epoch: no host sync per step. Not part of the training state.
+        self.register_buffer("ce_sum", torch.zeros(()), persistent=False)
+        self.ce_seen = 0
 
     def teacher_probs(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         return F.softmax(outputs[-1].detach().float() / float(self.temperature), dim=1)
@@ -51,6 +57,9 @@ class PhuongDistillationLoss(MultiExitLoss):
             raise ValueError(f"loss built for {self.n_exits} exits, got {len(outputs)}")
         t = float(self.temperature)
         ce = sum(F.cross_entropy(z, targets) for z in outputs)
+        if self.training:
+            self.ce_sum += ce.detach().float() * len(targets)
+            self.ce_seen += len(targets)
         q = self.teacher_probs(outputs)
         distill = sum(soft_cross_entropy(z.float(), q, t) for z in outputs[:-1])
         return self.global_scale * ((1 - self.c) * ce + self.c * t**2 * distill)
@@ -60,5 +69,12 @@ class PhuongDistillationLoss(MultiExitLoss):
         if self.adaptive and self.teacher_probs(outputs).max(dim=1).values.mean() > self.max_prob:
             self.temperature.mul_(self.t_mult)
 
+    def start_epoch(self) -> None:
+        self.ce_sum.zero_()
+        self.ce_seen = 0
+
     def extra_metrics(self) -> dict[str, float]:
-        return {"temperature": float(self.temperature)}
+        metrics = {"temperature": float(self.temperature)}
+        if self.ce_seen:
+            metrics["ce"] = float(self.ce_sum) / self.ce_seen
+        return metrics

@@ -166,12 +166,18 @@ def test_anytime_curve():
 
 
 # ------------------------------------------------------------------------------------ sacred runs
-def run_trivial_experiment(observer, runs) -> list:
-    """Really run a trivial sacred Experiment once per (variant, seed, record) in ``runs``."""
+def run_trivial_experiment(observers, runs, uids=None, uid_folders: bool = True) -> list:
+    """Really run a trivial sacred Experiment, watched by ``observers`` (one or a list), once per
+    (variant, seed, record) in ``runs``.
+
+    With ``uids``, run i carries uid ``uids[i]`` the way the experiments record it (``meta.uid``, ``info.uid``,
+    and with ``uid_folders`` a run id, hence FileStorageObserver folder, named after it); ``None`` keeps
+    sacred's numeric run id.
+    """
     from sacred import Experiment
 
     ex = Experiment("trivial_exits", save_git_info=False)
-    ex.observers.append(observer)
+    ex.observers.extend(observers if isinstance(observers, list) else [observers])
 
     @ex.config
     def config():
@@ -186,13 +192,18 @@ def run_trivial_experiment(observer, runs) -> list:
             _run.log_scalar("train.loss", 1.0 / (step + 1), step)
             _run.log_scalar("val.acc.exit1", 0.1 * step, step)
         if record_path:
+            accs = ExitRecord.load(record_path).accuracy("test")
+            _run.info["exits"] = {**{f"test_acc_exit{k + 1}": float(a) for k, a in enumerate(accs)},
+                                  "test_acc_mean": float(accs.mean())}
             _run.add_artifact(record_path, name="exit_record.npz")
         return 0
 
     finished = []
-    for variant, seed, path in runs:
+    for (variant, seed, path), uid in zip(runs, uids or [None] * len(runs)):
+        identity = {} if uid is None else {"meta_info": {"uid": uid}, "info": {"uid": uid}}
         finished.append(ex.run(config_updates={"seed": seed, "variant": variant, "record_path": str(path or "")},
-                               options={"--loglevel": "ERROR", "--capture": "no"}))
+                               options={"--loglevel": "ERROR", "--capture": "no", "--id": uid_folders and uid},
+                               **identity))
     return finished
 
 
@@ -225,6 +236,7 @@ def test_load_runs_file_storage(file_runs):
     assert runs["variant"].tolist() == ["ce", "ce", "distillation", "ce"]
     assert runs["seed"].tolist() == [1, 2, 1, 3]
     assert runs["has_exit_record"].tolist() == [True, True, True, False]
+    assert runs["uid"].isna().all()  # numeric folders from before run uids
     assert runs["config.model.name"].eq("toy").all() and runs["config.model.exits"].eq(4).all()
     assert pd.api.types.is_datetime64_any_dtype(runs["start_time"])
     rec = load_exit_record(runs_dir, 2)
@@ -294,6 +306,129 @@ def test_unreachable_mongo_is_a_clear_error(monkeypatch):
     assert runs_mod.mongo_url("mongodb://h:1/?authSource=admin")[1] == "sacred"
 
 
+# ------------------------------------------------------------------------------------ bad runs, listing, --where
+GOOD, CORRUPT, EMPTY_VAL, MISSING = "20261125-110512-aaaaaa", "20261125-110513-bbbbbb", "20261125-110514-cccccc", \
+    "20261125-110515-dddddd"
+
+
+@pytest.fixture
+def mixed_runs(tmp_path):
+    """Runs named by uid: two good ones (seeds 1, 2), a truncated exit record, an empty validation split, and
+    an exit record that is listed but gone. Returns (folder, folder holding copies of the two good runs)."""
+    import shutil
+
+    from sacred.observers import FileStorageObserver
+
+    empty_val = make_record(seed=4)
+    empty_val = ExitRecord(empty_val.val_logits[:, :0], empty_val.val_targets[:0], empty_val.test_logits,
+                           empty_val.test_targets, empty_val.macs, empty_val.params, empty_val.latency_ms)
+    records = [make_record(seed=1, late_acc=0.9), make_record(seed=2, late_acc=0.8), make_record(seed=3),
+               empty_val, make_record(seed=5)]
+    specs = [("ce", i + 1, r.save(tmp_path / "records" / f"{i}.npz")) for i, r in enumerate(records)]
+    uids = [GOOD, GOOD[:-1] + "2", CORRUPT, EMPTY_VAL, MISSING]
+    runs_dir = tmp_path / "runs"
+    run_trivial_experiment(FileStorageObserver(str(runs_dir)), specs, uids)
+    corrupt = runs_dir / CORRUPT / "exit_record.npz"
+    corrupt.write_bytes(corrupt.read_bytes()[:1000])
+    (runs_dir / MISSING / "exit_record.npz").unlink()
+    good_dir = tmp_path / "good"
+    for uid in uids[:2]:
+        shutil.copytree(runs_dir / uid, good_dir / uid)
+    return runs_dir, good_dir
+
+
+def test_one_bad_run_does_not_break_the_analysis(mixed_runs, capsys):
+    from analysis.__main__ import main
+    from analysis.curves import compute_curves
+    from analysis.runs import SkippedRunWarning, load_runs
+
+    runs_dir, good_dir = mixed_runs
+    assert main(["table", str(good_dir), "--budgets", "5,9"]) == 0
+    good_table = capsys.readouterr().out.splitlines()[1:]
+    assert main(["table", str(runs_dir), "--budgets", "5,9"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == f"2 runs with exit records from {runs_dir} (3 unusable skipped)"
+    assert lines[1:] == good_table
+    warned = [line for line in captured.err.splitlines() if line.startswith("warning: skipped run")]
+    assert len(warned) == 3
+    for uid, why in ((CORRUPT, "corrupt"), (EMPTY_VAL, "no validation samples"), (MISSING, "cannot be read")):
+        assert any(uid in line and why in line for line in warned), (uid, warned)
+
+    with pytest.warns(SkippedRunWarning) as caught:
+        curves = compute_curves(load_runs(runs_dir))
+    assert sorted(curves.skipped["uid"]) == sorted([CORRUPT, EMPTY_VAL, MISSING]) and len(caught) == 3
+    assert curves.anytime["n_runs"].eq(2).all()
+
+    assert main(["curves", str(runs_dir), "--where", "seed=3", "--out", str(runs_dir.parent / "fig")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[-1].startswith("error: none of the 1 runs with an exit record could be analysed")
+    assert CORRUPT in err[-1]
+
+
+def test_runs_listing_and_uid_column(mixed_runs, capsys):
+    from analysis.__main__ import main
+    from analysis.runs import SkippedRunWarning, load_runs
+
+    runs_dir, _ = mixed_runs
+    runs = load_runs(runs_dir)
+    assert runs["uid"].tolist() == runs["run_id"].tolist() and GOOD in runs["uid"].tolist()
+    assert main(["runs", str(runs_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"5 runs in {runs_dir}"
+    header = out[1].split()
+    assert header[:7] == ["id", "uid", "experiment", "variant", "status", "start", "seed"]
+    assert header[-2:] == ["test_acc_mean%", "test_acc_last%"]
+    good = next(line for line in out if line.startswith(GOOD))
+    accs = make_record(seed=1, late_acc=0.9).accuracy("test")
+    assert f"{100 * accs.mean():.2f}" in good and f"{100 * accs[-1]:.2f}" in good and "COMPLETED" in good
+
+    (runs_dir / CORRUPT / "config.json").write_text("{not json")
+    assert main(["runs", str(runs_dir), "--where", "seed=2", "--status", "COMPLETED"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0] == f"1 runs in {runs_dir}"
+    assert CORRUPT in captured.err and "config.json" in captured.err
+    with pytest.warns(SkippedRunWarning, match=CORRUPT):
+        assert len(load_runs(runs_dir)) == 4
+
+
+def test_where_filter():
+    from analysis.runs import AnalysisError, filter_where, parse_where
+
+    where = parse_where(["data.name=cifar100", "seed=1", "distillation=false", "tag=a=b", "lr=0.1"])
+    assert where == {"data.name": "cifar100", "seed": 1, "distillation": False, "tag": "a=b", "lr": 0.1}
+    runs = pd.DataFrame({
+        "run_id": [1, 2, 3, 4],
+        "config.seed": [1, 2, 1, np.nan],
+        "config.data.name": ["cifar100", "cifar100", "cifar10", "cifar100"],
+        "config.distillation": [False, False, 0, True],
+    })
+    assert filter_where(runs, {"seed": 1})["run_id"].tolist() == [1, 3]
+    assert filter_where(runs, parse_where(["data.name=cifar100", "seed=1"]))["run_id"].tolist() == [1]
+    assert filter_where(runs, {"config.distillation": False})["run_id"].tolist() == [1, 2]  # 0 is not false
+    assert filter_where(runs, {"distillation": 0})["run_id"].tolist() == [3]
+    with pytest.raises(AnalysisError, match="unknown config key 'data.nme'.*close matches: data.name"):
+        filter_where(runs, {"data.nme": "x"})
+    with pytest.raises(AnalysisError, match="KEY=VALUE"):
+        parse_where(["seed"])
+
+
+def test_cli_where(file_runs, capsys):
+    from analysis.__main__ import main
+
+    runs_dir, _ = file_runs
+    assert main(["table", str(runs_dir), "--where", "model.exits=4", "--where", "seed=1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 runs with exit records") and "distillation" in out
+    assert main(["runs", str(runs_dir), "--where", "variant=distillation"]) == 0
+    assert capsys.readouterr().out.startswith("1 runs in")
+    assert main(["curves", str(runs_dir), "--where", "model.nam=toy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown config key 'model.nam'" in err and "model.name" in err
+    assert main(["table", str(runs_dir), "--where", "seed=7"]) == 2
+    assert "no runs found" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------ MongoDB
 def test_load_runs_mongodb(mongo_url):
     from sacred.observers import MongoObserver
@@ -321,3 +456,4 @@ def test_load_runs_mongodb(mongo_url):
     from analysis.__main__ import main
 
     assert main(["table", source, "--experiment", "trivial_exits"]) == 0
+    assert main(["runs", source, "--where", "seed=6"]) == 0

@@ -6,24 +6,33 @@ import json
 import math
 import os
 import pickle
+import pty
+import re
+import select
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from analysis.exit_record import ExitRecord
 from data import TensorLoader
-from experiments.engine.checkpoint import load_snapshot, resolve_snapshot, save_atomic, snapshot_dir
+from experiments.engine import trainer as trainer_module
+from experiments.engine.checkpoint import load_snapshot, save_atomic
+from experiments.engine.console import captured_out_filter, format_duration
 from experiments.engine.pipeline import run_folder
 from experiments.engine.schedules import build_scheduler, lr_factor
-from experiments.engine.trainer import Trainer
-from losses import ExitCrossEntropy
+from experiments.engine.trainer import Trainer, interruptible
+from losses import ExitCrossEntropy, PhuongDistillationLoss
 from models import create_model
 
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 
 
 class FixedBatches:
@@ -39,11 +48,11 @@ class FixedBatches:
         return len(self.batches)
 
 
-def make_trainer(model, loader, val=None, epochs=10, lr=0.1, schedule="constant", **kw) -> Trainer:
+def make_trainer(model, loader, val=None, epochs=10, lr=0.1, schedule="constant", loss=None, **kw) -> Trainer:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     scheduler = build_scheduler(optimizer, epochs, len(loader), schedule)
     kw.setdefault("select", "last" if val is None else "best_val")
-    return Trainer(model, ExitCrossEntropy(), optimizer, scheduler, loader, val, CPU, progress=False, **kw)
+    return Trainer(model, loss or ExitCrossEntropy(), optimizer, scheduler, loader, val, CPU, progress=False, **kw)
 
 
 # ------------------------------------------------------------------------------------------- learning
@@ -72,6 +81,18 @@ def test_trainer_rejects_bad_selection_settings():
         make_trainer(model, FixedBatches(batch), select="best")
     with pytest.raises(ValueError, match="needs a validation split"):
         make_trainer(model, FixedBatches(batch), select="best_val")
+
+
+def test_distillation_also_logs_the_plain_exit_cross_entropy():
+    """train.ce is the unscaled sum of exit cross-entropies (lr=0: the batch sees the same weights throughout)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    model = create_model("resnet8", num_classes=3, width=4)
+    expected = sum(F.cross_entropy(z, y) for z in model.train()(x)).item()
+    trainer = make_trainer(model, FixedBatches((x, y)), lr=0.0, loss=PhuongDistillationLoss(n_exits=3))
+    (epoch,) = trainer.fit(1)
+    assert epoch.metrics["train.ce"] == pytest.approx(expected, rel=1e-5)
+    assert epoch.metrics["train.loss"] != pytest.approx(expected)  # the objective itself is scaled and mixed
 
 
 def test_non_finite_loss_stops_with_a_hint():
@@ -191,60 +212,14 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
-def test_resolve_snapshot_by_path_folder_and_run_id(tmp_path):
-    root = tmp_path / "snapshots"
-    run7 = snapshot_dir("exp", 7, root)
-    assert run7 == root / "exp" / "7"
-    save_atomic({"epoch": 1}, run7 / "last.pt")
-    # a file path, as given
-    assert resolve_snapshot(str(run7 / "last.pt"), "exp", root) == run7 / "last.pt"
-    # a run folder, or a run id: best.pt wanted, last.pt as fallback
-    assert resolve_snapshot(str(run7), "exp", root) == run7 / "last.pt"
-    assert resolve_snapshot(7, "exp", root) == run7 / "last.pt"
-    assert resolve_snapshot("7", "exp", root) == run7 / "last.pt"
-    save_atomic({"epoch": 1}, run7 / "best.pt")
-    assert resolve_snapshot(7, "exp", root) == run7 / "best.pt"
-    assert resolve_snapshot(7, "exp", root, name="last.pt") == run7 / "last.pt"
-
-
-def test_resolve_snapshot_errors_say_what_was_tried(tmp_path):
-    root = tmp_path / "snapshots"
-    save_atomic({"epoch": 1}, snapshot_dir("exp", 3, root) / "last.pt")
-    save_atomic({"epoch": 1}, snapshot_dir("exp", 12, root) / "last.pt")
-    with pytest.raises(FileNotFoundError) as err:
-        resolve_snapshot(99, "exp", root)
-    message = str(err.value)
-    assert "99" in message
-    assert str(Path("99")) in message and str(root / "exp" / "99") in message  # both places tried
-    assert ": 12, 3." in message or ": 3, 12." in message  # the runs that do have snapshots
-    with pytest.raises(FileNotFoundError) as err:
-        resolve_snapshot(1, "other", root)
-    assert "Runs with snapshots" not in str(err.value)
-    for empty in (None, ""):
-        with pytest.raises(ValueError, match="run id or a snapshot path"):
-            resolve_snapshot(empty, "exp", root)
-
-
-def test_unobserved_runs_never_share_a_snapshot_folder(tmp_path):
-    # runs without an observer have no id; two of them started within the same second must not overwrite
-    # each other's snapshots
-    unobserved = SimpleNamespace(_id=None)
-    first = run_folder(unobserved, "exp", str(tmp_path))
-    second = run_folder(unobserved, "exp", str(tmp_path))
-    assert first != second and first.is_dir() and second.is_dir()
-    assert first.name.startswith("local-") and second.name.startswith("local-")
-    assert run_folder(SimpleNamespace(_id=4), "exp", str(tmp_path)) == tmp_path / "exp" / "4"
-
-
-def test_a_reused_run_id_moves_the_older_snapshots_aside(tmp_path):
-    # a new runs folder restarts ids at 1: the older run's snapshots must survive, the id names the new run
-    old = run_folder(SimpleNamespace(_id=1), "exp", str(tmp_path))
-    (old / "best.pt").write_bytes(b"older run")
-    with pytest.warns(UserWarning, match="older run with the same id"):
-        new = run_folder(SimpleNamespace(_id=1), "exp", str(tmp_path))
-    assert new == old and not any(new.iterdir())
-    (aside,) = [p for p in (tmp_path / "exp").iterdir() if p.name.startswith("1.replaced-")]
-    assert (aside / "best.pt").read_bytes() == b"older run"
+def test_every_run_gets_a_new_snapshot_folder_named_by_its_uid(tmp_path):
+    # no two runs ever share (or move) a folder: with a uid it is the uid's, without one a fresh uid's
+    named = run_folder(SimpleNamespace(meta_info={"uid": "20260101-000000-abcdef"}), "exp", str(tmp_path))
+    assert named == (tmp_path / "exp" / "20260101-000000-abcdef").resolve() and named.is_dir()
+    with pytest.raises(FileExistsError):
+        run_folder(SimpleNamespace(meta_info={"uid": "20260101-000000-abcdef"}), "exp", str(tmp_path))
+    first, second = (run_folder(None, "exp", str(tmp_path)) for _ in range(2))
+    assert first != second and first.is_dir() and second.is_dir() and first.is_absolute()
 
 
 # ------------------------------------------------------------------------------------------- resume (Trainer)
@@ -255,15 +230,15 @@ def _tiny_classification(seed: int = 0):
     return FixedBatches((x[:12], y[:12]), (x[12:], y[12:])), FixedBatches((x[:8], y[:8]))
 
 
+def _scores_by_epoch(monkeypatch, scores: dict[int, float]) -> None:
+    """Validation reports ``scores[epoch]`` as the mean accuracy, so the test decides which epoch is best."""
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, loader, prefix: {f"{prefix}.acc.mean": scores[self.epoch]})
+
+
 def test_resumed_run_restores_the_best_epoch_saved_before_the_interruption(tmp_path, monkeypatch):
     """select='best_val': when no epoch after the resume beats the best epoch before it, the selected
     weights are those of the earlier epoch (kept in the interrupted run's folder), as in a straight run."""
-    scores = {1: 0.9, 2: 0.5}  # epoch 1 is the best on validation
-
-    def fake_evaluate(self, loader, prefix):
-        return {f"{prefix}.acc.mean": scores[self.epoch], f"{prefix}.acc.exit3": scores[self.epoch]}
-
-    monkeypatch.setattr(Trainer, "evaluate", fake_evaluate)
+    _scores_by_epoch(monkeypatch, {1: 0.9, 2: 0.5})  # epoch 1 is the best on validation
     train, val = _tiny_classification()
 
     torch.manual_seed(0)
@@ -310,16 +285,16 @@ def test_trainer_resume_matches_a_straight_run(tmp_path):
 
 
 class SignalAtStep(ExitCrossEntropy):
-    """Cross-entropy that sends this process SIGINT after optimisation step ``step`` (a Ctrl-C mid-epoch)."""
+    """Cross-entropy that sends this process ``signum`` after optimisation step ``step`` (a Ctrl-C mid-epoch)."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, signum: int = signal.SIGINT):
         super().__init__()
-        self.step, self.calls = step, 0
+        self.step, self.signum, self.calls = step, signum, 0
 
     def after_batch(self, outputs):
         self.calls += 1
         if self.calls == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), self.signum)
 
 
 def test_a_signal_stops_at_a_step_boundary_and_the_run_resumes_exactly(tmp_path):
@@ -352,6 +327,200 @@ def test_a_signal_stops_at_a_step_boundary_and_the_run_resumes_exactly(tmp_path)
         torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("same_folder", [False, True])
+@pytest.mark.parametrize("writes_before_kill", [0, 1])
+def test_a_kill_while_checkpointing_resumes_to_the_same_selection(tmp_path, monkeypatch, writes_before_kill,
+                                                                  same_folder):
+    """Epoch 2 is the best and epoch 3 is not. A kill before epoch 2's snapshots, or between its best.pt and
+    last.pt, must still end with epoch 2's weights selected, bit for bit as in a run never killed."""
+    _scores_by_epoch(monkeypatch, {1: 0.5, 2: 0.9, 3: 0.7})
+    train, val = _tiny_classification(2)
+
+    def build(seed, folder):
+        torch.manual_seed(seed)
+        return make_trainer(create_model("resnet8", num_classes=3, width=4), train, val, epochs=3,
+                            snapshot_dir=tmp_path / folder)
+
+    straight = build(0, "straight")
+    straight.fit(3)
+    assert straight.restore_selected() == 2
+    save = trainer_module.save_atomic
+    writes = []
+
+    def killed_in_epoch_two(obj, path):
+        if obj["epoch"] == 2:
+            if len(writes) == writes_before_kill:
+                raise KeyboardInterrupt("simulated kill")
+            writes.append(path)
+        return save(obj, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "save_atomic", killed_in_epoch_two)
+        with pytest.raises(KeyboardInterrupt):
+            build(0, "killed").fit(3)
+    resumed = build(99, "killed" if same_folder else "resumed")
+    resumed.resume(tmp_path / "killed" / "last.pt")
+    resumed.fit(3)
+    assert resumed.restore_selected() == 2 and resumed.best_epoch == 2
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+
+
+def test_best_val_selection_refuses_to_fall_back_to_the_last_weights(tmp_path, monkeypatch):
+    _scores_by_epoch(monkeypatch, {1: 0.9, 2: 0.5})
+    train, val = _tiny_classification()
+    trainer = make_trainer(create_model("resnet8", num_classes=3, width=4), train, val, snapshot_dir=tmp_path / "run")
+    trainer.fit(2)
+    (tmp_path / "run" / "best.pt").unlink()
+    with pytest.raises(RuntimeError, match="chose epoch 1, but there is no .*best.pt"):
+        trainer.restore_selected()
+    fresh = make_trainer(create_model("resnet8", num_classes=3, width=4), train, val, snapshot_dir=tmp_path / "new")
+    with pytest.warns(UserWarning, match="should hold epoch 1 .* is missing"):
+        fresh.resume(tmp_path / "run" / "last.pt")
+    trainer.save_weights(tmp_path / "run" / "best.pt")  # epoch 2's weights under the best's name
+    with pytest.raises(RuntimeError, match="holds epoch 2"):
+        trainer.restore_selected()
+
+
+# ------------------------------------------------------------------------------------------- signals and console
+def test_interruptible_turns_sigterm_into_keyboard_interrupt(tmp_path):
+    """Inside, SIGTERM raises KeyboardInterrupt (sacred then records INTERRUPTED), and fit still stops at a
+    step boundary with a mid-epoch last.pt; outside, the previous handler is back."""
+    before = signal.getsignal(signal.SIGTERM)
+    train, _ = _tiny_classification()
+    trainer = make_trainer(create_model("resnet8", num_classes=3, width=4), train, loss=SignalAtStep(1, signal.SIGTERM),
+                           snapshot_dir=tmp_path)
+    with interruptible():
+        outer = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            trainer.fit(1)
+        assert load_snapshot(tmp_path / "last.pt")["epoch"] == 0  # saved by fit's own handler at step 1
+        assert signal.getsignal(signal.SIGTERM) is outer
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)  # as if during the final evaluation
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sacred_records_a_sigterm_inside_interruptible_as_interrupted():
+    from sacred import Experiment
+
+    ex = Experiment("sigterm", interactive=True)
+
+    @ex.main
+    def main():
+        with interruptible():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        ex.run(options={"--loglevel": "ERROR"})
+    assert ex.current_run.status == "INTERRUPTED"
+
+
+def test_console_helpers():
+    assert [format_duration(s) for s in (12.34, 333, 7500)] == ["12.3s", "5m33s", "2h05m"]
+    assert captured_out_filter("epoch 1:  50%\repoch 1: 100%\ndone\n") == "epoch 1: 100%\ndone\n"
+
+
+# A tiny sacred run whose trainer wants a progress bar; argv: runs folder, sacred capture mode.
+PROGRESS_SCRIPT = """
+import sys, time
+import torch
+from sacred import Experiment
+from sacred.observers import FileStorageObserver
+from experiments.engine.schedules import build_scheduler
+from experiments.engine.trainer import Trainer
+from losses import ExitCrossEntropy
+from models import create_model
+
+
+class SlowBatches:
+    \"\"\"Three 0.3 s batches: an epoch outlasts the 0.5 s the bar waits before it draws.\"\"\"
+
+    def __len__(self):
+        return 3
+
+    def __iter__(self):
+        for _ in range(3):
+            time.sleep(0.3)
+            yield torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+
+
+ex = Experiment("progress")
+ex.observers.append(FileStorageObserver(sys.argv[1]))
+
+
+@ex.main
+def main():
+    torch.set_num_threads(1)
+    model = create_model("resnet8", num_classes=3, width=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler = build_scheduler(optimizer, 2, 3, "constant")
+    trainer = Trainer(model, ExitCrossEntropy(), optimizer, scheduler, SlowBatches(), None, torch.device("cpu"),
+                      select="last", progress=True)
+    trainer.fit(2)
+
+
+ex.run(options={"--capture": sys.argv[2], "--loglevel": "ERROR"})
+"""
+
+
+def _progress_run(tmp_path: Path, capture: str, terminal: bool) -> tuple[str, str]:
+    """Run PROGRESS_SCRIPT with stdout and stderr on a pseudo-terminal or on a pipe; returns (what the person
+    sees, what sacred captured)."""
+    script = tmp_path / "progress.py"
+    script.write_text(PROGRESS_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(script), str(tmp_path / "runs"), capture]
+    if terminal:
+        shown = _on_a_terminal(cmd, env)
+    else:
+        done = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        shown = done.stdout + done.stderr
+    return shown, (tmp_path / "runs" / "1" / "cout.txt").read_text()
+
+
+def _on_a_terminal(cmd: list[str], env: dict) -> str:
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    chunks = []
+    try:
+        while select.select([controller], [], [], 120)[0]:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: every writer has closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(controller)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    shown = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, shown
+    return shown
+
+
+@pytest.mark.parametrize("capture", ["fd", "sys"])
+def test_progress_bar_reaches_the_terminal_but_not_the_recorded_output(tmp_path, capture):
+    shown, recorded = _progress_run(tmp_path, capture, terminal=True)
+    assert "it/s" in shown and "%|" in shown
+    assert "epoch 1/2" in recorded  # (not 2/2: sacred's fd capture may read the file before tee writes its end)
+    assert "\r" not in recorded and "it/s" not in recorded
+
+
+def test_without_a_terminal_there_is_no_bar_and_the_summary_tells_the_time(tmp_path):
+    shown, recorded = _progress_run(tmp_path, "fd", terminal=False)
+    assert "\r" not in shown and "\r" not in recorded
+    assert re.search(r"epoch 1/2 .* \d+\.\ds, ~\d+\.\ds left\n", shown)
+    assert re.search(r"epoch 2/2 .* \d+\.\ds\n", shown)
+
+
 # ------------------------------------------------------------------------------------------- resume (experiment)
 @pytest.fixture
 def experiment(tmp_path, monkeypatch):
@@ -368,13 +537,14 @@ def experiment(tmp_path, monkeypatch):
         return ex.run(named_configs=["fast"], config_updates={"train": train, "seed": 5, **updates},
                       options={"--loglevel": "ERROR"})
 
-    run.snapshots = snapshots / "multiexit_distillation"
+    run.ex = ex
     return run
 
 
-def _assert_same_training(run_a, run_b, folder: Path) -> None:
-    last_a = load_snapshot(folder / str(run_a._id) / "last.pt")
-    last_b = load_snapshot(folder / str(run_b._id) / "last.pt")
+def _assert_same_training(run_a, run_b) -> None:
+    folder_a, folder_b = Path(run_a.info["snapshot_dir"]), Path(run_b.info["snapshot_dir"])
+    last_a = load_snapshot(folder_a / "last.pt")
+    last_b = load_snapshot(folder_b / "last.pt")
     assert last_a["epoch"] == last_b["epoch"] == 2
     for name, value in last_a["model"].items():
         torch.testing.assert_close(last_b["model"][name], value, rtol=1e-6, atol=1e-7, msg=name)
@@ -382,8 +552,8 @@ def _assert_same_training(run_a, run_b, folder: Path) -> None:
     assert last_b["best_epoch"] == last_a["best_epoch"]
     assert last_b["train_loader"]["batches_done"] == last_a["train_loader"]["batches_done"]
     assert torch.equal(last_b["train_loader"]["generator"], last_a["train_loader"]["generator"])
-    rec_a = ExitRecord.load(folder / str(run_a._id) / "exit_record.npz")
-    rec_b = ExitRecord.load(folder / str(run_b._id) / "exit_record.npz")
+    rec_a = ExitRecord.load(folder_a / "exit_record.npz")
+    rec_b = ExitRecord.load(folder_b / "exit_record.npz")
     np.testing.assert_allclose(rec_b.test_logits, rec_a.test_logits, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(rec_b.val_logits, rec_a.val_logits, rtol=1e-5, atol=1e-6)
     assert run_b.result["selected_epoch"] == run_a.result["selected_epoch"]
@@ -412,10 +582,10 @@ def test_resume_after_a_finished_shorter_run_matches_a_straight_run(experiment):
     straight = experiment({"epochs": 2}, **knobs)
     first = experiment({"epochs": 1}, **knobs)
     with pytest.warns(UserWarning, match="planned for 1 epochs"):  # harmless here: multistep ignores it
-        resumed = experiment({"epochs": 2, "resume": str(experiment.snapshots / str(first._id) / "last.pt")}, **knobs)
+        resumed = experiment({"epochs": 2, "resume": str(Path(first.info["snapshot_dir"]) / "last.pt")}, **knobs)
     assert straight.status == first.status == resumed.status == "COMPLETED"
     assert _metrics(straight)["train.temperature"]["values"][-1] > 1.0  # the temperature did move
-    _assert_same_training(straight, resumed, experiment.snapshots)
+    _assert_same_training(straight, resumed)
 
 
 def test_resume_after_an_interruption_matches_a_straight_run(experiment, monkeypatch):
@@ -432,8 +602,9 @@ def test_resume_after_an_interruption_matches_a_straight_run(experiment, monkeyp
         patch.setattr(Trainer, "train_epoch", killed_in_epoch_two)
         with pytest.raises(KeyboardInterrupt):
             experiment({"epochs": 2}, max_prob=0.2)
-    killed_id = max(int(p.name) for p in experiment.snapshots.iterdir())
-    assert load_snapshot(experiment.snapshots / str(killed_id) / "last.pt")["epoch"] == 1
-    resumed = experiment({"epochs": 2, "resume": killed_id}, max_prob=0.2)  # by run id
+    killed = experiment.ex.current_run
+    assert load_snapshot(Path(killed.info["snapshot_dir"]) / "last.pt")["epoch"] == 1
+    resumed = experiment({"epochs": 2, "resume": int(killed._id)}, max_prob=0.2)  # by run id, in its runs folder
+    assert resumed.info["resumed_from"]["uid"] == killed.info["uid"]
     assert resumed.status == "COMPLETED"
-    _assert_same_training(straight, resumed, experiment.snapshots)
+    _assert_same_training(straight, resumed)

@@ -19,7 +19,9 @@ from sacred.observers import FileStorageObserver, MongoObserver, RunObserver
 from analysis.exit_record import ExitRecord
 from experiments.engine.checkpoint import load_snapshot
 from experiments.multiexit_distillation import ex
-from experiments.tracking import MONGO_ENV, RUNS_ENV, ForgivingObserver, default_observers, parse_mongo
+from experiments.tracking import (MONGO_ENV, RUNS_ENV, ForgivingObserver, MongoTarget, RunFolderObserver,
+                                  default_observers, parse_mongo, run_cli)
+from experiments.validation import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "multiexit_distillation.py"
@@ -98,7 +100,7 @@ def test_fast_run_completes_with_artifacts_info_and_metrics(two_runs, variant):
         assert metrics["train.temperature"]["values"][0] >= 1.0
 
     snaps = Path(info["snapshot_dir"])
-    assert snaps == two_runs["snapshots"] / "multiexit_distillation" / str(run._id)
+    assert snaps == (two_runs["snapshots"] / "multiexit_distillation" / run.info["uid"]).resolve()
     for name in ("best.pt", "last.pt", "final.pt", "exit_record.npz", "split.npz"):
         assert (snaps / name).is_file(), name
     last = load_snapshot(snaps / "last.pt")
@@ -207,13 +209,13 @@ def test_print_config_shows_the_paper_defaults(no_observers, capsys):
 @pytest.mark.parametrize(
     "updates, error, words",
     [
-        ({"data": {"name": "cifar1000"}}, ValueError, ["Unknown dataset 'cifar1000'", "Did you mean 'cifar100'",
-                                                       "Valid choices: cifar10, cifar100, svhn"]),
-        ({"model": {"arch": "resnet21"}}, KeyError, ["Unknown architecture 'resnet21'", "resnet20",
-                                                     "Valid choices:", "msdnet_phuong_cifar"]),
+        ({"data": {"name": "cifar1000"}}, ConfigError, ["invalid data.name='cifar1000'", "did you mean 'cifar100'",
+                                                        "'cifar10', 'cifar100', 'svhn'"]),
+        ({"model": {"arch": "resnet21"}}, ConfigError, ["invalid model.arch='resnet21'", "resnet20",
+                                                        "'msdnet_phuong_cifar'"]),
         ({"train": {"device": "cuda"}}, ValueError, ["device='cuda'", "no GPU", "device='auto' or 'cpu'"]),
-        ({"optim": {"schedule": "cosin"}}, ValueError, ["schedule must be one of", "cosine"]),
-        ({"temperature": "adaptiv"}, ValueError, ["temperature must be one of", "adaptive"]),
+        ({"optim": {"schedule": "cosin"}}, ConfigError, ["invalid optim.schedule='cosin'", "did you mean 'cosine'"]),
+        ({"temperature": "adaptiv"}, ConfigError, ["invalid temperature='adaptiv'", "'adaptive', 'const'"]),
     ],
     ids=["dataset", "arch", "device", "schedule", "temperature"],
 )
@@ -227,15 +229,18 @@ def test_bad_input_is_a_clear_error(tmp_path, updates, error, words):
         assert word in message, word
 
 
-def test_bad_input_on_the_command_line_ends_with_the_message(tmp_path, no_observers, capsys):
+def test_bad_input_on_the_command_line_is_one_line_and_leaves_no_record(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ex, "observers", [])
+    monkeypatch.setenv(RUNS_ENV, str(tmp_path / "runs"))
+    monkeypatch.delenv(MONGO_ENV, raising=False)
     with pytest.raises(SystemExit) as stop:
-        ex.run_commandline(["multiexit_distillation.py", "with", "fast", "data.name=cifar1000",
-                            f"train.snapshot_root={tmp_path}", "--loglevel=ERROR"])
+        run_cli(ex, ["multiexit_distillation.py", "with", "fast", "data.name=cifar1000",
+                     f"train.snapshot_root={tmp_path}", "--loglevel=ERROR"])
     assert stop.value.code == 1
-    err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert lines[-1].startswith("ValueError: Unknown dataset 'cifar1000'. Did you mean 'cifar100'")
-    assert "site-packages" not in err  # sacred hides its own frames; the trace is the project's few calls
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert lines[0].startswith("error: invalid data.name='cifar1000': expected one of")
+    assert lines[1:] == ["(run with --debug for the full traceback)"]
+    assert not (tmp_path / "runs").exists()
 
 
 # ------------------------------------------------------------------------------------------- tracking
@@ -264,26 +269,31 @@ def test_parse_mongo_rejects_other_forms(spec):
 def test_default_observers_file_storage_and_flags(tmp_path, monkeypatch):
     monkeypatch.delenv(MONGO_ENV, raising=False)
     monkeypatch.setenv(RUNS_ENV, str(tmp_path / "my_runs"))
-    (observer,) = default_observers(["script.py", "with", "fast"])
-    assert isinstance(observer, FileStorageObserver)
+    argv, (observer,) = default_observers(["script.py", "with", "fast"])
+    assert argv == ["script.py", "with", "fast"] and isinstance(observer, RunFolderObserver)
     assert Path(observer.basedir) == tmp_path / "my_runs"
-    # sacred's own -F / --file_storage replaces the default folder
-    assert default_observers(["script.py", "-F", str(tmp_path / "other")]) == []
-    assert default_observers(["script.py", f"--file_storage={tmp_path / 'other'}"]) == []
+    # sacred's own -F / --file_storage moves the folder; the flag is taken over (and removed)
+    for flags in (["-F", "other"], ["--file_storage=other"], ["--file_storage", "other"]):
+        argv, (observer,) = default_observers(["script.py", *flags, "with", "fast"])
+        assert argv == ["script.py", "with", "fast"] and observer.basedir == "other"
     monkeypatch.delenv(RUNS_ENV)
-    (observer,) = default_observers(["script.py"])
+    _, (observer,) = default_observers(["script.py"])
     assert Path(observer.basedir) == Path("runs")
 
 
-def test_default_observers_add_a_forgiving_mongo_observer(tmp_path, monkeypatch):
+def test_default_observers_add_one_forgiving_mongo_observer(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(RUNS_ENV, str(tmp_path / "runs"))
     monkeypatch.setenv(MONGO_ENV, "127.0.0.1:9:tracked")  # nothing listens there; creating the client is lazy
-    observers = default_observers(["script.py"])
-    assert [type(o) for o in observers] == [FileStorageObserver, ForgivingObserver]
+    _, observers = default_observers(["script.py"])
+    assert [type(o) for o in observers] == [RunFolderObserver, MongoTarget]
     inner = observers[1].inner
     assert isinstance(inner, MongoObserver) and inner.runs.database.name == "tracked"
-    assert observers[1].priority == inner.priority
-    assert [type(o) for o in default_observers(["script.py", "-F", "x"])] == [ForgivingObserver]
+    assert observers[1].priority == inner.priority and observers[1].source == "mongodb://127.0.0.1:9/tracked"
+    # -m wins over the environment: two observers of one database would collide on the run id
+    argv, observers = default_observers(["script.py", "-m", "127.0.0.1:9:other", "with", "fast"])
+    assert argv == ["script.py", "with", "fast"]
+    assert [o.inner.runs.database.name for o in observers[1:]] == ["other"]
+    assert "MULTIEXIT_MONGO=127.0.0.1:9:tracked is not used" in capsys.readouterr().err
     monkeypatch.setenv(MONGO_ENV, "not-a-spec")
     with pytest.raises(ValueError, match=MONGO_ENV):
         default_observers(["script.py"])
@@ -359,9 +369,9 @@ def test_script_runs_from_anywhere_with_the_default_file_observer(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "multiexit_distillation [distillation] epoch" in proc.stdout
-    run = tmp_path / "runs" / "1"
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.name != "_sources"]
     assert read_json(run / "run.json")["status"] == "COMPLETED"
     assert (run / "exit_record.npz").is_file() and (run / "split.npz").is_file()
     assert read_json(run / "config.json")["optim"]["lr"] == 0.02
-    assert (tmp_path / "snapshots" / "multiexit_distillation" / "1" / "best.pt").is_file()
+    assert (tmp_path / "snapshots" / "multiexit_distillation" / run.name / "best.pt").is_file()
     assert list(work.iterdir()) == []  # nothing written into the working directory

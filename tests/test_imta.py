@@ -1,13 +1,17 @@
 """IMTA stage 2: OFA loss values, ISC wiring, freezing, stage-2 cost, and the two-stage pipeline."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from sacred.observers import FileStorageObserver
 
+from data import load_split, save_split
 from experiments import imta
+from experiments.references import RunReferenceError
+from experiments.validation import ConfigError
 from experiments.ingredients.model import FAST_MSDNET, msdnet_knobs
 from losses import OneForAllLoss
 from models import build_imta, count_exit_costs, create_model
@@ -149,27 +153,36 @@ def run_stage(tmp_path, **updates):
 def test_two_stage_pipeline_passes_snapshot_and_split(imta_runs):
     ge = run_stage(imta_runs, stage="ge")
     assert ge.status == "COMPLETED" and ge.info["variant"] == "msdnet+ge"
-    ge_best = imta_runs / "snapshots" / "imta" / str(ge._id) / "best.pt"
-    weights_before = torch.load(ge_best, weights_only=True)["model"]
+    ge_final = Path(ge.info["snapshot_dir"]) / "final.pt"
+    weights_before = torch.load(ge_final, weights_only=True)["model"]
+    # a split no seed draws: stage 2 matches it only by reading stage 1's split file
+    split_file = Path(ge.info["snapshot_dir"]) / "split.npz"
+    split = load_split(split_file)
+    split["train"][0], split["val"][0] = split["val"][0], split["train"][0]
+    save_split(split, split_file)
     second = run_stage(imta_runs, stage="imta", ge_run=str(ge._id))
     assert second.status == "COMPLETED" and second.info["variant"] == "msdnet+ge+isc+ofa"
     config = json.loads((imta_runs / "runs" / str(second._id) / "config.json").read_text())
-    assert config["ge_run"] == str(ge._id) and second.info["parent_snapshot"] == str(ge_best)
-    splits = [np.load(imta_runs / "snapshots" / "imta" / str(r._id) / "split.npz") for r in (ge, second)]
+    assert config["ge_run"] == str(ge._id) and second.info["parent"]["snapshot"] == str(ge_final)
+    assert second.info["parent"]["uid"] == ge.info["uid"]
+    used = load_split(Path(second.info["snapshot_dir"]) / "split.npz")
     for key in ("train", "val"):
-        np.testing.assert_array_equal(splits[0][key], splits[1][key])
-    weights_after = torch.load(ge_best, weights_only=True)["model"]
-    assert all(torch.equal(weights_before[k], weights_after[k]) for k in weights_before)
-    record = np.load(imta_runs / "snapshots" / "imta" / str(second._id) / "exit_record.npz")
+        np.testing.assert_array_equal(used[key], split[key])
+    # stage 2 kept the stage-1 network frozen: its own final weights hold the parent's, unchanged
+    stage2 = torch.load(Path(second.info["snapshot_dir"]) / "final.pt", weights_only=True)["model"]
+    base = {k[len("base."):]: v for k, v in stage2.items() if k.startswith("base.")}
+    assert base.keys() == weights_before.keys()
+    assert all(torch.equal(weights_before[k], base[k]) for k in weights_before)
+    record = np.load(Path(second.info["snapshot_dir"]) / "exit_record.npz")
     assert np.all(np.diff(record["macs"]) > 0)
 
 
 @pytest.mark.parametrize("updates, error, match", [
-    ({}, ValueError, "stage must be one of"),
-    ({"stage": "gee"}, ValueError, "stage must be one of"),
+    ({}, ConfigError, "invalid stage=None: expected one of 'ge', 'imta'"),
+    ({"stage": "gee"}, ConfigError, "invalid stage='gee'"),
     ({"stage": "imta"}, ValueError, "needs ge_run"),
-    ({"stage": "imta", "ge_run": "999"}, FileNotFoundError, "Cannot find a snapshot"),
-    ({"stage": "ge", "ge_scope": "some"}, ValueError, "ge_scope must be one of"),
+    ({"stage": "imta", "ge_run": "999"}, RunReferenceError, "no imta run with id 999"),
+    ({"stage": "ge", "ge_scope": "some"}, ConfigError, "invalid ge_scope='some'"),
 ])
 def test_bad_stage_input_is_a_clear_error(tmp_path, updates, error, match):
     with pytest.raises(error, match=match):

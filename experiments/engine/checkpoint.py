@@ -1,4 +1,4 @@
-"""Snapshots: atomic writes, safe (``weights_only``) loading, and finding a run's snapshot by id."""
+"""Snapshots: atomic writes, safe (``weights_only``) loading, a run's snapshot folder, what a resume may change."""
 from __future__ import annotations
 
 import os
@@ -34,28 +34,35 @@ def load_snapshot(path: str | Path, map_location: str | torch.device = "cpu") ->
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def snapshot_dir(experiment: str, run_id: Any, root: str | Path = SNAPSHOT_ROOT) -> Path:
-    """Where a run keeps its snapshots: ``<root>/<experiment>/<run id>/``."""
-    return Path(root) / experiment / str(run_id)
+def snapshot_dir(experiment: str, uid: str, root: str | Path = SNAPSHOT_ROOT) -> Path:
+    """Where a run keeps its snapshots: ``<root>/<experiment>/<uid>/`` (absolute, so records work from anywhere)."""
+    return (Path(root).expanduser() / experiment / str(uid)).resolve()
 
 
-def resolve_snapshot(ref: str | int, experiment: str, root: str | Path = SNAPSHOT_ROOT, name: str = "best.pt") -> Path:
-    """Turn a run id or a path into a snapshot file.
+# Keys that may differ between an interrupted run and its resumption: where and how fast it runs, not what.
+# ``seed`` is free because the snapshot restores every generator; ``train.epochs`` may grow (with a warning).
+RESUME_FREE_KEYS = ("seed", "train.resume", "train.progress", "train.threads", "train.device", "train.epochs",
+                    "train.latency_batch", "train.snapshot_root", "data.root", "data.workers", "data.download",
+                    "data.eval_batch_size")
 
-    ``ref`` may be a snapshot file, a run's snapshot folder (then ``name`` inside it, falling back
-    to ``last.pt``), or the id of an earlier run of ``experiment`` (looked up under ``root``).
-    """
-    if ref in (None, ""):
-        raise ValueError("no snapshot given: pass a run id or a snapshot path")
-    candidates = [Path(str(ref)), snapshot_dir(experiment, ref, root)]
-    for cand in candidates:
-        if cand.is_file():
-            return cand
-        for fname in (name, "last.pt"):
-            if (cand / fname).is_file():
-                return cand / fname
-    tried = ", ".join(str(c) for c in candidates)
-    runs = sorted((p.name for p in (Path(root) / experiment).glob("*") if p.is_dir()),
-                  key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
-    known = f" Runs with snapshots under {Path(root) / experiment}: {', '.join(runs)}." if runs else ""
-    raise FileNotFoundError(f"Cannot find a snapshot for {ref!r} (tried {tried}).{known}")
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """``key: saved -> current`` for every config value that would change what an exact resume computes."""
+    old, new = _flatten(saved), _flatten(current)
+    free = tuple(RESUME_FREE_KEYS)
+    return [
+        f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key) and not any(key == f or key.startswith(f + ".") for f in free)
+    ]

@@ -1,18 +1,22 @@
 """The shared body of every experiment: train a multi-exit model, keep snapshots, write the record."""
 from __future__ import annotations
 
-import itertools
 import json
-import time
-import warnings
+import os
+import platform
 from pathlib import Path
 from typing import Any
 
+import torch
+import torchvision
+
 from data import DataBundle, save_split
-from experiments.engine.checkpoint import resolve_snapshot, snapshot_dir
+from experiments.engine.checkpoint import snapshot_dir
 from experiments.engine.records import attach_exit_record, build_exit_record
 from experiments.engine.trainer import Trainer
+from experiments.identity import new_uid
 from experiments.ingredients.optim import build_lr_scheduler, build_optimizer
+from experiments.references import resolve_run, stores_of
 from losses.base import MultiExitLoss
 from models.multiexit import MultiExitNetwork
 
@@ -23,29 +27,28 @@ def plain(config: Any) -> Any:
 
 
 def run_folder(run: Any, experiment: str, root: str) -> Path:
-    """``<root>/<experiment>/<run id>/``; runs without an observer get a new timestamped folder instead.
+    """``<root>/<experiment>/<uid>/``, new for every run (a run without a uid gets a fresh one)."""
+    uid = (getattr(run, "meta_info", None) or {}).get("uid") or new_uid()
+    folder = snapshot_dir(experiment, uid, root)
+    folder.mkdir(parents=True, exist_ok=False)
+    return folder
 
-    Run ids restart when a runs folder (or database) is new, so an existing folder of the same id
-    belongs to an older run: it is renamed aside, never overwritten, and the id keeps naming this run.
-    """
-    run_id = getattr(run, "_id", None)
-    if run_id not in (None, ""):
-        folder = snapshot_dir(experiment, run_id, root)
-        if folder.is_dir() and any(folder.iterdir()):
-            aside = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            folder.rename(aside)
-            warnings.warn(f"{folder} held snapshots of an older run with the same id; moved them to {aside}")
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-    # Unobserved runs started within the same second must not share (and overwrite) one folder.
-    stamp = time.strftime("local-%Y%m%d-%H%M%S")
-    for n in itertools.count():
-        folder = snapshot_dir(experiment, stamp if n == 0 else f"{stamp}-{n}", root)
-        try:
-            folder.mkdir(parents=True, exist_ok=False)
-            return folder
-        except FileExistsError:
-            continue
+
+def environment(device: torch.device, threads: int) -> dict[str, Any]:
+    """What a number depends on beyond the config: library versions, the device, the threads."""
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"cpu ({platform.machine()}, {os.cpu_count()} cores)")
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "cuda": torch.version.cuda, "device": name, "threads": threads}
+
+
+def set_threads(threads: int | None) -> int:
+    """torch's intra-op threads: ``threads``, or what this process may use (CPU affinity, ``OMP_NUM_THREADS``)."""
+    if threads is None:
+        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = min(allowed, int(os.environ.get("OMP_NUM_THREADS") or allowed))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def fit_and_record(
@@ -65,12 +68,19 @@ def fit_and_record(
     ``meta`` (plain data: model config, data config, parent run, ...) goes into every snapshot so a
     later stage can rebuild the network. Returns the per-exit summary also put in ``run.info``.
     """
+    threads = set_threads(train["threads"])
+    resumed = resolve_run(train["resume"], experiment, train["snapshot_root"], stores_of(run.observers if run else ()),
+                          name="last.pt") if train["resume"] else None
     folder = run_folder(run, experiment, train["snapshot_root"])
     split_path = save_split(data.split, folder / "split.npz")
-    meta = plain({**meta, "split_file": str(split_path), "variant": variant})
+    uid = folder.name
+    meta = plain({**meta, "uid": uid, "config": run.config if run is not None else None,
+                  "split_file": str(split_path), "variant": variant})
+    print(f"{experiment} run {uid} [{variant}]: snapshots in {folder}", flush=True)
     if run is not None:
-        run.info["variant"] = variant
-        run.info["snapshot_dir"] = str(folder)
+        run.info.update(variant=variant, snapshot_dir=str(folder), environment=environment(device, threads))
+        if resumed is not None:
+            run.info["resumed_from"] = resumed.record()
         run.add_artifact(str(split_path), name="split.npz")
     optimizer = build_optimizer(optim, model.parameters())
     scheduler = build_lr_scheduler(optim, optimizer, train["epochs"], len(data.train))
@@ -79,9 +89,9 @@ def fit_and_record(
         channels_last=train["channels_last"], run=run, snapshot_dir=folder,
         select=train["select"] if data.val is not None else "last", meta=meta, progress=train["progress"],
     )
-    if train["resume"]:
-        trainer.resume(resolve_snapshot(train["resume"], experiment, train["snapshot_root"], name="last.pt"))
-        print(f"resumed from epoch {trainer.epoch}", flush=True)
+    if resumed is not None:
+        trainer.resume(resumed.snapshot)
+        print(f"resumed {resumed.uid or resumed.snapshot} from epoch {trainer.epoch}", flush=True)
     trainer.fit(train["epochs"])
     chosen = trainer.restore_selected()
     trainer.save_weights(folder / "final.pt")

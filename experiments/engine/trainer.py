@@ -15,13 +15,14 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from experiments.engine.checkpoint import load_snapshot, save_atomic
+from experiments.engine.console import TERMINAL, TERMINAL_STREAM, format_duration
 from experiments.engine.hardware import autocast, grad_scaler, to_memory_format
 from losses.base import MultiExitLoss
 from models.multiexit import MultiExitNetwork
@@ -32,6 +33,40 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class StopRequested(Exception):
     """Raised at a step boundary after SIGINT/SIGTERM, so the state saved there resumes exactly."""
+
+
+@contextlib.contextmanager
+def _handling(signals: tuple[int, ...], handler: Callable) -> Iterator[None]:
+    """Install ``handler`` for ``signals`` and put the previous handlers back afterwards (main thread only:
+    Python delivers signals there and refuses ``signal.signal`` elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def interruptible() -> contextlib.AbstractContextManager:
+    """SIGTERM raises KeyboardInterrupt while the context is open, as Ctrl-C (SIGINT) already does.
+
+    A scheduler's SIGTERM otherwise kills Python outright (rc 143) and the sacred run stays RUNNING forever;
+    as a KeyboardInterrupt it unwinds through sacred, which records the run INTERRUPTED. Wrap an experiment's
+    whole run, so the final evaluation (test predictions, latency) is covered too: ``TrackedExperiment.run``
+    does.
+
+    ``Trainer.fit`` still stops at a step boundary (and saves a mid-epoch ``last.pt``) inside it.
+    """
+    return _handling((signal.SIGTERM,), _interrupt)
 
 
 @dataclass
@@ -57,6 +92,7 @@ class Trainer:
             'last' keeps the final weights.
         meta: plain data stored in every snapshot (model config, split, ...) so a later stage can
             rebuild the network without the original run.
+        progress: a bar per epoch, shown only when the process started on a terminal (``engine.console``).
     """
 
     def __init__(
@@ -142,16 +178,27 @@ class Trainer:
     def resume(self, path: str | Path) -> None:
         """Continue from a ``last.pt`` written by an interrupted run.
 
-        The interrupted run's ``best.pt`` (next to ``last.pt``) comes along into this run's snapshot folder,
-        so ``select='best_val'`` still finds the best epoch reached before the interruption.
+        The interrupted run's ``best.pt`` (next to ``last.pt``) comes along into this run's snapshot folder
+        when it holds ``last.pt``'s best epoch, so ``select='best_val'`` still finds the best epoch reached
+        before the interruption. A ``best.pt`` of a later epoch (a kill between the two writes of
+        ``_checkpoint``) is left behind: that epoch is trained again and writes it again.
         """
         path = Path(path)
         self.load_state_dict(load_snapshot(path, map_location=self.device))
-        best, mine = path.parent / "best.pt", (self.snapshot_dir / "best.pt" if self.snapshot_dir else None)
-        if self.select == "best_val" and mine is not None and best.is_file() and best.resolve() != mine.resolve():
-            snapshot = load_snapshot(best, map_location="cpu")
-            if snapshot.get("epoch") == self.best_epoch:
-                save_atomic(snapshot, mine)
+        if self.select == "best_val" and self.snapshot_dir is not None and self.best_epoch >= 1:
+            self._adopt_best(path.parent / "best.pt", self.snapshot_dir / "best.pt")
+
+    def _adopt_best(self, theirs: Path, mine: Path) -> None:
+        """Copy the interrupted run's ``best.pt`` when it holds the best epoch; warn when those weights are lost."""
+        best = load_snapshot(theirs) if theirs.is_file() else None
+        held = best["epoch"] if best else None
+        if held == self.best_epoch:
+            if theirs.resolve() != mine.resolve():
+                save_atomic(best, mine)
+        elif held is None or held < self.best_epoch:
+            found = f"holds epoch {held}" if best else "is missing"
+            warnings.warn(f"{theirs} should hold epoch {self.best_epoch} (the best on validation so far) but {found}: "
+                          "unless a later epoch does better, select='best_val' fails at the end; or use select='last'")
 
     # ------------------------------------------------------------------------------- training
     def _log(self, metrics: dict[str, float], step: int) -> None:
@@ -162,13 +209,11 @@ class Trainer:
     def train_epoch(self) -> dict[str, float]:
         self.model.train()
         self.loss_fn.train()
+        self.loss_fn.start_epoch()
         n_exits = self.model.num_exits
         correct = torch.zeros(n_exits, device=self.device)
         loss_sum, seen, start = 0.0, 0, time.perf_counter()
-        # disable=None: bars only on an interactive terminal, never in log files.
-        batches = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}", leave=False,
-                       disable=None if self.progress else True)
-        for x, y in batches:
+        for x, y in self._progress_bar(self.train_loader):
             x = to_memory_format(x, self.channels_last)
             with autocast(self.device, self.amp):
                 outputs = self.model(x)
@@ -196,6 +241,15 @@ class Trainer:
         metrics.update({f"train.{k}": v for k, v in self.loss_fn.extra_metrics().items()})
         return metrics
 
+    def _progress_bar(self, batches: Iterable) -> Iterable:
+        """A bar on the terminal the process started on (``engine.console``), never in sacred's captured output.
+
+        ``delay`` keeps a bar from drawing before the previous epoch's summary line (which reaches the terminal
+        through sacred's tee) has been written, and hides the bar of epochs shorter than half a second.
+        """
+        return tqdm(batches, desc=f"epoch {self.epoch + 1}", leave=False, file=TERMINAL_STREAM, delay=0.5,
+                    disable=not (self.progress and TERMINAL))
+
     @torch.no_grad()
     def predict(self, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of every exit [K, N, C] (float32, CPU) and the targets [N]."""
@@ -218,27 +272,16 @@ class Trainer:
         metrics[f"{prefix}.loss"] = loss
         return metrics
 
-    @contextlib.contextmanager
-    def _stop_at_step_boundary(self):
+    def _stop_at_step_boundary(self) -> contextlib.AbstractContextManager:
         """While training, SIGINT/SIGTERM only ask the loop to stop after the current step (a second
         SIGINT stops at once); the loop then saves ``last.pt`` mid-epoch and raises KeyboardInterrupt."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
         def request_stop(signum, frame):
             if self.stop_signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.stop_signal = signum
 
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, request_stop)
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        return _handling(STOP_SIGNALS, request_stop)
 
     def fit(self, epochs: int) -> list[EpochResult]:
         """Train until ``epochs`` epochs are done (continuing after ``resume``).
@@ -252,13 +295,18 @@ class Trainer:
                           "epoch-based schedules (cosine, warmup) change from here on")
         self.planned_epochs = epochs
         history = []
+        started = time.perf_counter()
         with self._stop_at_step_boundary():
             while self.epoch < epochs:
+                epoch_started = time.perf_counter()
                 try:
                     metrics = self.train_epoch()
                 except StopRequested:
                     self._stop(save=True)
-                history.append(self._end_epoch(metrics, epochs))
+                history.append(self._end_epoch(metrics))
+                now = time.perf_counter()
+                print(self._summary_line(metrics, epochs, now - epoch_started, (now - started) / len(history)),
+                      flush=True)
                 if self.stop_signal is not None:  # arrived during validation: last.pt already holds this epoch
                     self._stop(save=False)
         return history
@@ -267,38 +315,42 @@ class Trainer:
         if save and self.snapshot_dir is not None:
             save_atomic(self.state_dict(), self.snapshot_dir / "last.pt")
         where = f"train.resume={self.snapshot_dir / 'last.pt'}" if self.snapshot_dir else "no snapshot folder"
-        print(f"stopped by signal {self.stop_signal} after {self.epoch} full epochs; resume exactly with {where}",
-              flush=True)
-        raise KeyboardInterrupt(f"stopped by signal {self.stop_signal}") from None
+        name = signal.Signals(self.stop_signal).name
+        print(f"stopped by signal {name} after {self.epoch} full epochs; resume exactly with {where}", flush=True)
+        raise KeyboardInterrupt(f"stopped by signal {name}") from None
 
-    def _end_epoch(self, metrics: dict[str, float], epochs: int) -> EpochResult:
-        """Validate, log, checkpoint and report one finished epoch."""
+    def _end_epoch(self, metrics: dict[str, float]) -> EpochResult:
+        """Validate, log and checkpoint one finished epoch."""
         self.epoch += 1
         if self.val_loader is not None:
             metrics.update(self.evaluate(self.val_loader, "val"))
         self._log(metrics, self.epoch)
         self._checkpoint(metrics)
-        print(self._summary_line(metrics, epochs), flush=True)
         return EpochResult(self.epoch, metrics)
 
-    def _summary_line(self, metrics: dict[str, float], epochs: int) -> str:
+    def _summary_line(self, metrics: dict[str, float], epochs: int, seconds: float, mean_seconds: float) -> str:
+        """One line per epoch; the time left assumes the coming epochs take as long as this call's so far."""
         accs = " ".join(f"{metrics[f'val.acc.exit{k + 1}']:.3f}" for k in range(self.model.num_exits) if f"val.acc.exit{k + 1}" in metrics)
+        left = epochs - self.epoch
         return (
             f"epoch {self.epoch}/{epochs} loss {metrics['train.loss']:.4f} "
             f"{metrics['train.images_per_sec']:.0f} img/s lr {metrics['lr']:.4g}"
             + (f" val acc per exit [{accs}]" if accs else "")
+            + f" {format_duration(seconds)}" + (f", ~{format_duration(left * mean_seconds)} left" if left else "")
         )
 
     def _checkpoint(self, metrics: dict[str, float]) -> None:
+        """``best.pt`` before ``last.pt``: a kill between the two leaves a ``best.pt`` one epoch ahead of
+        ``last.pt``, which ``resume`` ignores because that epoch is trained again and rewrites it."""
         score = metrics.get("val.acc.mean", -math.inf)
         improved = score > self.best_score
         if improved:
             self.best_score, self.best_epoch = score, self.epoch
         if self.snapshot_dir is None:
             return
-        save_atomic(self.state_dict(), self.snapshot_dir / "last.pt")
         if improved and self.select == "best_val":
             self.save_weights(self.snapshot_dir / "best.pt")
+        save_atomic(self.state_dict(), self.snapshot_dir / "last.pt")
 
     def save_weights(self, path: str | Path) -> Path:
         """A light snapshot for later stages: weights, epoch, score and ``meta``."""
@@ -308,9 +360,19 @@ class Trainer:
         )
 
     def restore_selected(self) -> int:
-        """Load the weights chosen by ``select``; returns their epoch."""
-        if self.select == "best_val" and self.snapshot_dir and (self.snapshot_dir / "best.pt").is_file():
-            self.model.load_state_dict(load_snapshot(self.snapshot_dir / "best.pt", self.device)["model"])
-            return self.best_epoch
-        return self.epoch
+        """Load the weights chosen by ``select``; returns their epoch.
+
+        With ``select='best_val'`` the weights come from ``best.pt``, which must hold the best epoch: any
+        other epoch, or no file, is an error rather than a quiet fall-back to the last weights.
+        """
+        if self.select == "last" or self.best_epoch == self.epoch:  # the weights in memory are the selected ones
+            return self.epoch
+        path = self.snapshot_dir / "best.pt" if self.snapshot_dir else None
+        best = load_snapshot(path, self.device) if path and path.is_file() else None
+        if best is None or best["epoch"] != self.best_epoch:
+            found = f"{path} holds epoch {best['epoch']}" if best else f"there is no {path or 'snapshot_dir'}"
+            raise RuntimeError(f"select='best_val' chose epoch {self.best_epoch}, but {found}; "
+                               "its weights are lost: train again, or use select='last'")
+        self.model.load_state_dict(best["model"])
+        return self.best_epoch
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 from sacred import Ingredient
 
-from data import DataBundle, build_data
+from data import DATASETS, DataBundle, build_data, canonical_name
 from experiments.ingredients import ingredient
+from experiments.validation import boolean, choice, either, integer, number, optional, scoped, string
 
 
 def data_config():
@@ -24,6 +25,29 @@ def data_config():
     locals()  # sacred reads these names; this line tells linters they are used
 
 
+def _canonical_or_same(name: object) -> object:
+    """Aliases ('CIFAR-10', 'FashionMNIST') that ``build_data`` accepts count as their canonical name."""
+    try:
+        return canonical_name(name)
+    except ValueError:
+        return name
+
+
+RULES = scoped("data", dict(
+    name=choice(*DATASETS, normalize=_canonical_or_same),
+    root=optional(string),
+    download=boolean,
+    batch_size=integer(min=1),
+    eval_batch_size=integer(min=1),
+    workers=integer(min=0),
+    val_size=either(integer(min=0), number(min=0, max=1, max_open=True)),
+    class_balanced=boolean,
+    n_per_class=optional(integer(min=1)),
+    augment=boolean,
+    split_seed=integer(min=0),
+    split_file=optional(string),
+))
+
 FAST = dict(name="synthetic", batch_size=32, eval_batch_size=64, val_size=64, n_per_class=None, augment=True)
 
 
@@ -37,3 +61,12 @@ def data_ingredient(**defaults) -> Ingredient:
 def build(config: dict, device: torch.device, seed: int) -> DataBundle:
     """Loaders for a ``data`` config; ``seed`` drives the training loader's shuffling."""
     return build_data(**config, device=device, loader_seed=seed)
+
+
+# What fixes a run's dataset and train/validation split; a later stage takes these from its parent.
+SPLIT_KEYS = ("name", "n_per_class", "val_size", "class_balanced", "split_seed")
+
+
+def inherit_split(config: dict, parent: dict, split_file) -> dict:
+    """``config`` with the parent run's dataset and its saved split (loader settings stay this run's)."""
+    return {**config, **{k: parent[k] for k in SPLIT_KEYS if k in parent}, "split_file": str(split_file)}

@@ -11,8 +11,9 @@ import inspect
 from sacred import Ingredient
 
 from experiments.ingredients import ingredient
-from models import MultiExitNetwork, create_model
-from models.msdnet import MSDNET_PRESETS, MSDNet
+from experiments.validation import boolean, choice, integer, list_of, merge_rules, number, optional, scoped
+from models import MultiExitNetwork, create_model, list_models
+from models.msdnet import INITS, MSDNET_PRESETS, PRUNE_MODES, STEP_MODES, TRANSITION_ROUNDINGS, MSDNet
 
 MSDNET_KNOBS = {
     name: p.default
@@ -20,6 +21,30 @@ MSDNET_KNOBS = {
     if p.default is not inspect.Parameter.empty and name not in ("in_channels", "image_size", "n_scales", "ge_scope")
 }
 
+# One rule per MSDNet knob (MSDNET_KNOBS, plus n_scales that the presets set): the ranges of MSDNet._check_knobs.
+MSDNET_RULES = dict(
+    n_scales=optional(integer(min=1)),
+    n_blocks=integer(min=1),
+    base=integer(min=1),
+    step=integer(min=0),
+    stepmode=choice(*STEP_MODES),
+    n_channels=integer(min=1),
+    growth_rate=integer(min=1),
+    gr_factor=list_of(integer(min=1)),
+    bn_factor=list_of(integer(min=1)),
+    bottleneck=boolean,
+    prune=choice(*PRUNE_MODES),
+    reduction=number(min=0, max=1, max_open=True),
+    conv_bias=boolean,
+    transition_rounding=choice(*TRANSITION_ROUNDINGS),
+    head_width=optional(integer(min=1)),
+    init=choice(*INITS),
+)
+
+RULES = merge_rules(
+    {"model.arch": choice(*list_models()), "model.resnet.width": integer(min=1)},
+    scoped("model.msdnet", MSDNET_RULES),
+)
 
 # A tiny two-scale, 3-exit MSDNet for tests and smoke runs (16 px synthetic images).
 FAST_MSDNET = dict(n_blocks=3, base=1, step=1, stepmode="even", n_channels=4, growth_rate=4, gr_factor=[1, 2],

@@ -6,8 +6,9 @@ from typing import Iterable
 import torch
 from sacred import Ingredient
 
-from experiments.engine.schedules import build_scheduler
+from experiments.engine.schedules import SCHEDULES, build_scheduler
 from experiments.ingredients import ingredient
+from experiments.validation import boolean, choice, integer, list_of, number, scoped
 
 
 def optim_config():
@@ -20,6 +21,18 @@ def optim_config():
     gamma = 0.1  # multistep decay factor
     warmup_epochs = 0  # linear warmup length in epochs
     locals()  # sacred reads these names; this line tells linters they are used
+
+
+RULES = scoped("optim", dict(
+    lr=number(min=0, min_open=True),
+    momentum=number(min=0, max=1, max_open=True),
+    nesterov=boolean,
+    weight_decay=number(min=0),
+    schedule=choice(*SCHEDULES),
+    milestones=list_of(integer(min=1)),
+    gamma=number(min=0, max=1, min_open=True),
+    warmup_epochs=number(min=0),
+))
 
 
 def optim_ingredient(**defaults) -> Ingredient:

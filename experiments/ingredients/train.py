@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from sacred import Ingredient
 
+from experiments.engine.hardware import AMP_MODES
+from experiments.engine.trainer import SELECT_MODES
 from experiments.ingredients import ingredient
+from experiments.validation import boolean, choice, either, integer, matches, optional, scoped, string
 
 
 def train_config():
@@ -16,8 +19,25 @@ def train_config():
     resume = None  # a last.pt (or its run folder) of an interrupted run to continue from
     latency_batch = 64  # batch size of the per-exit latency measurement (0: skip)
     progress = True  # tqdm progress bar per epoch
+    threads = None  # torch intra-op threads (None: what this process may use, honouring OMP_NUM_THREADS and CPU affinity)
     locals()  # sacred reads these names; this line tells linters they are used
 
+
+# A snapshot reference: a run id of this experiment, or the path of a snapshot file or of its run folder.
+SNAPSHOT_REF = optional(either(string, integer(min=1)))
+
+RULES = scoped("train", dict(
+    epochs=integer(min=1),
+    device=matches(r"auto|cpu|mps|cuda(:\d+)?", "one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"),
+    amp=choice(*AMP_MODES),
+    channels_last=boolean,
+    select=choice(*SELECT_MODES),
+    snapshot_root=string,
+    resume=SNAPSHOT_REF,
+    latency_batch=integer(min=0),
+    progress=boolean,
+    threads=optional(integer(min=1)),
+))
 
 FAST = dict(epochs=2, latency_batch=4, progress=False)
 

@@ -84,3 +84,70 @@ def mongo_url():
             proc.kill()
             proc.wait(timeout=5)
         errors.close()
+
+
+class TcpProxy:
+    """A loopback TCP forwarder to a server: ``stop()`` cuts every connection (a server outage as clients see
+    it), ``start()`` serves again on the same port (the server is back, its data intact)."""
+
+    def __init__(self, target_port: int):
+        import socket
+        import threading
+
+        self._socket, self._threading = socket, threading
+        self.target_port = target_port
+        self.port = 0
+        self._open: list = []
+        self._listener = None
+
+    def start(self) -> "TcpProxy":
+        sock = self._socket.socket()
+        sock.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen()
+        self.port = sock.getsockname()[1]
+        self._listener = sock
+        self._threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+        return self
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # stopped
+                return
+            upstream = self._socket.create_connection(("127.0.0.1", self.target_port))
+            self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        for s in [self._listener, *self._open]:  # shutdown first: it wakes the thread blocked in accept()
+            try:
+                s.shutdown(self._socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self._open.clear()
+
+
+@pytest.fixture
+def mongo_proxy(mongo_url):
+    """A ``TcpProxy`` in front of the session's MongoDB, started; stopped after the test."""
+    proxy = TcpProxy(int(mongo_url.rstrip("/").rsplit(":", 1)[1])).start()
+    yield proxy
+    proxy.stop()

@@ -102,13 +102,23 @@ class TrackedExperiment(Experiment):
         self.derivations.append(func)
         return func
 
+    def rules_for(self, command_name: str | None) -> dict:
+        """The experiment's config rules, plus the options of a sacred command (``save_config``'s
+        ``config_filename``) taken as they are."""
+        rules = rules_of(self.path)
+        if command_name in (None, self.default_command):
+            return rules
+        options = [a for a in self.commands[command_name].signature.arguments if not a.startswith("_")]
+        return {**rules, **{name: (lambda value: None) for name in options if name not in rules}}
+
     def _create_run(self, command_name=None, config_updates=None, named_configs=(), info=None, meta_info=None,
                     options=None) -> Any:
         uid = (meta_info or {}).get("uid") or new_uid()
         info, meta_info = {**(info or {}), "uid": uid}, {**(meta_info or {}), "uid": uid}
-        validate_updates(config_updates or {}, rules_of(self.path))
+        rules = self.rules_for(command_name)
+        validate_updates(config_updates or {}, rules)
         run = super()._create_run(command_name, config_updates, named_configs, info, meta_info, options)
-        validate_run(run, rules_of(self.path))
+        validate_run(run, rules)
         derived: dict = {}
         for derive in self.derivations:
             derived = recursive_update(derived, derive(run.config, stores_of(self.observers)))

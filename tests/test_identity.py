@@ -168,3 +168,39 @@ def test_a_resume_with_a_changed_lr_is_refused_before_any_record(tmp_path):
     again = run(phuong.ex, tmp_path, train={"resume": first.info["uid"]})
     assert again.status == "COMPLETED" and again.info["resumed_from"]["uid"] == first.info["uid"]
     assert again.result["test_acc"] == first.result["test_acc"]  # a finished run resumes to the same selection
+
+
+# ------------------------------------------------------------------------------------------- commands, threads
+def test_save_config_writes_yaml_and_its_option_is_not_an_unknown_key(tmp_path):
+    import yaml
+
+    target = tmp_path / "config.yaml"
+    imta.ex.run("save_config", named_configs=["fast"], options=QUIET,
+                config_updates={"stage": "ge", "config_filename": str(target)})
+    assert yaml.safe_load(target.read_text())["stage"] == "ge"
+    with pytest.raises(Exception, match="unknown config key 'config_filename'"):  # only save_config takes it
+        run(imta.ex, tmp_path, stage="ge", config_filename=str(target))
+
+
+def test_train_threads_sets_torch_threads_and_is_recorded(tmp_path):
+    before = torch.get_num_threads()
+    r = run(phuong.ex, tmp_path, train={"threads": 2})
+    try:
+        assert torch.get_num_threads() == 2 and r.info["environment"]["threads"] == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_default_threads_honour_omp_num_threads(monkeypatch):
+    from experiments.engine.pipeline import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert set_threads(None) == 1 == torch.get_num_threads()
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        import os
+
+        assert set_threads(None) == len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(before)

@@ -39,7 +39,7 @@ RULES = scoped("train", dict(
     threads=optional(integer(min=1)),
 ))
 
-FAST = dict(epochs=2, latency_batch=4, progress=False)
+FAST = dict(epochs=2, latency_batch=4, progress=False, threads=1)
 
 
 def train_ingredient(**defaults) -> Ingredient:

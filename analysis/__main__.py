@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.budgeted import CONFIDENCES, DEFAULT_PS
-from analysis.curves import compute_curves, summary_table
+from analysis.curves import DEFAULT_GROUP, compute_curves, summary_table
 from analysis.runs import AnalysisError, SkippedRunWarning, filter_where, load_runs, parse_where, run_listing
 
 
@@ -49,8 +49,9 @@ def _selection_args() -> argparse.ArgumentParser:
 def _analysis_args() -> argparse.ArgumentParser:
     """Options of the curve computation, shared by curves and table."""
     analyse = argparse.ArgumentParser(add_help=False)
-    analyse.add_argument("--group-by", default="experiment,variant",
-                         help="comma-separated run-table columns forming a group (default experiment,variant)")
+    analyse.add_argument("--group-by", default=",".join(DEFAULT_GROUP),
+                         help="comma-separated run-table columns forming a group (default experiment,variant,recipe: "
+                              "the seeds of one recipe)")
     analyse.add_argument("--confidence", default="max_prob", choices=sorted(CONFIDENCES),
                          help="exit confidence for budgeted thresholds (default max_prob)")
     analyse.add_argument("--budgets", help="comma-separated average budgets in MMACs for the summary "

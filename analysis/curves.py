@@ -1,7 +1,7 @@
 """Curves across runs: per-run anytime and budgeted curves, then mean/std/count over seeds per group.
 
-A group is a tuple of run-table columns, by default ``(experiment, variant)``; the runs of one group are
-the seeds of one method. Standard deviations are sample standard deviations (ddof=1) over runs, NaN for a
+A group is a tuple of run-table columns, by default ``(experiment, variant, recipe)``; the runs of one group
+are the seeds of one recipe of one method. Standard deviations are sample standard deviations (ddof=1) over runs, NaN for a
 single run. Accuracies are fractions; costs are MACs, as in the exit records. A run whose exit record is
 missing or corrupt, or has no validation split to fit budgeted thresholds on, is left out of both curves
 with a :class:`analysis.runs.SkippedRunWarning` and listed in :attr:`Curves.skipped`.
@@ -17,9 +17,10 @@ import pandas as pd
 from analysis.anytime import anytime_curve
 from analysis.budgeted import DEFAULT_PS, Confidence, accuracy_at_budget, budgeted_curve
 from analysis.exit_record import ExitRecord
+from analysis.recipes import NO_DIFFERENCE
 from analysis.runs import AnalysisError, load_exit_record, warn_skipped
 
-DEFAULT_GROUP = ("experiment", "variant")
+DEFAULT_GROUP = ("experiment", "variant", "recipe")
 _RUN_KEYS = ("run_id", "experiment", "variant", "seed")
 SKIPPED_COLUMNS = ["run_id", "uid", "reason"]
 
@@ -136,9 +137,9 @@ def compute_curves(
 
 
 def group_label(key, group_by: Sequence[str]) -> str:
-    """A legend label for a group key: its values joined by '/'."""
+    """A legend label for a group key: its values joined by '/' (a recipe that stands out by nothing is left out)."""
     key = key if isinstance(key, tuple) else (key,)
-    return "/".join(str(k) for k in key)
+    return "/".join(str(k) for k in key if str(k) != NO_DIFFERENCE)
 
 
 def default_budgets(budgeted: pd.DataFrame, group_by: Sequence[str], n: int = 2) -> np.ndarray:

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.exit_record import FILENAME, ExitRecord
+from analysis.recipes import recipe_labels
 
 if TYPE_CHECKING:
     import pymongo.database
@@ -223,7 +224,8 @@ def load_runs(source: str, experiment: str | None = None, status: str | None = "
     """One row per sacred run in ``source`` (a FileStorageObserver folder or a MongoDB URL).
 
     Columns: ``run_id``, ``uid`` (``meta.uid``, else ``info.uid``, else None), ``experiment``, ``status``,
-    ``variant`` (``info['variant']``), ``seed``, ``start_time`` (datetime), ``has_exit_record``, ``source``,
+    ``variant`` (``info['variant']``), ``recipe`` (what sets the run's recipe apart from the other runs
+    of its experiment and variant: :func:`analysis.recipes.recipe_labels`), ``seed``, ``start_time`` (datetime), ``has_exit_record``, ``source``,
     then the flattened config as ``config.<key>`` columns (``config.model.name``, ...) and the flattened
     info as ``info.<key>`` columns (``info.exits.test_acc_mean``, ...). A run folder whose JSON cannot be
     read is left out with a :class:`SkippedRunWarning`. Filter on the experiment name and on the status
@@ -242,6 +244,8 @@ def load_runs(source: str, experiment: str | None = None, status: str | None = "
     table = pd.DataFrame(rows, columns=_RUN_COLUMNS)
     if rows:
         table = pd.concat([table, _flat(configs, "config"), _flat(infos, "info")], axis=1)
+    table.insert(table.columns.get_loc("variant") + 1, "recipe",
+                 recipe_labels(table) if rows else pd.Series(dtype=object))
     table["start_time"] = pd.to_datetime(table["start_time"], errors="coerce")
     table["has_exit_record"] = table["has_exit_record"].astype(bool)
     order = table["run_id"].map(lambda r: (0, r, "") if isinstance(r, int) else (1, 0, str(r)))

@@ -28,15 +28,16 @@ class RunReferenceError(ValueError):
 
 @dataclass(frozen=True)
 class ResolvedRun:
-    """The run a reference names: its identity, its snapshot file and how it was found."""
+    """The run a reference names: its identity, its snapshot file, how it was found, and its recipe key."""
 
     uid: str | None
     snapshot: Path
     found: str
+    recipe: str | None = None
 
     def record(self) -> dict[str, Any]:
         """Plain data for ``_run.info`` and snapshot ``meta`` of the run that uses it."""
-        return {"uid": self.uid, "snapshot": str(self.snapshot), "found": self.found}
+        return {"uid": self.uid, "snapshot": str(self.snapshot), "found": self.found, "recipe": self.recipe}
 
 
 # ------------------------------------------------------------------------------------------------ stores
@@ -184,7 +185,8 @@ def resolve_run(ref: Any, experiment: str, snapshot_root: str | Path, stores: Se
             resolved = _by_id(int(text), experiment, root, stores, name)
         else:
             resolved = _by_uid(text, experiment, root, name)
-    recorded = (load_snapshot(resolved.snapshot).get("meta") or {}).get("uid")
+    meta = load_snapshot(resolved.snapshot).get("meta") or {}
+    recorded = meta.get("uid")
     if resolved.uid and recorded and recorded != resolved.uid:
         raise RunReferenceError(f"{resolved.snapshot} holds run {recorded}, not {resolved.uid} that {ref!r} names")
-    return ResolvedRun(resolved.uid or recorded, resolved.snapshot, resolved.found)
+    return ResolvedRun(resolved.uid or recorded, resolved.snapshot, resolved.found, meta.get("recipe"))

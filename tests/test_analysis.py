@@ -183,10 +183,10 @@ def run_trivial_experiment(observers, runs, uids=None, uid_folders: bool = True)
     def config():
         variant = "ce"  # noqa: F841
         model = {"name": "toy", "exits": 4}  # noqa: F841
-        record_path = ""  # noqa: F841
 
     @ex.main
-    def main(_run, variant, record_path):
+    def main(_run, variant):  # the record to attach comes as meta info: a path is no recipe setting
+        record_path = _run.meta_info.get("record_path")
         _run.info["variant"] = variant
         for step in range(3):
             _run.log_scalar("train.loss", 1.0 / (step + 1), step)
@@ -200,10 +200,10 @@ def run_trivial_experiment(observers, runs, uids=None, uid_folders: bool = True)
 
     finished = []
     for (variant, seed, path), uid in zip(runs, uids or [None] * len(runs)):
-        identity = {} if uid is None else {"meta_info": {"uid": uid}, "info": {"uid": uid}}
-        finished.append(ex.run(config_updates={"seed": seed, "variant": variant, "record_path": str(path or "")},
-                               options={"--loglevel": "ERROR", "--capture": "no", "--id": uid_folders and uid},
-                               **identity))
+        meta = {"record_path": str(path or "")} | ({} if uid is None else {"uid": uid})
+        finished.append(ex.run(config_updates={"seed": seed, "variant": variant}, meta_info=meta,
+                               info={} if uid is None else {"uid": uid},
+                               options={"--loglevel": "ERROR", "--capture": "no", "--id": uid_folders and uid}))
     return finished
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from analysis.recipes import RUNTIME_KEYS, flatten, is_free
+
 SNAPSHOT_ROOT = Path("snapshots")
 
 
@@ -39,30 +41,16 @@ def snapshot_dir(experiment: str, uid: str, root: str | Path = SNAPSHOT_ROOT) ->
     return (Path(root).expanduser() / experiment / str(uid)).resolve()
 
 
-# Keys that may differ between an interrupted run and its resumption: where and how fast it runs, not what.
+# What may differ between an interrupted run and its resumption: where and how fast it runs, not what.
 # ``seed`` is free because the snapshot restores every generator; ``train.epochs`` may grow (with a warning).
-RESUME_FREE_KEYS = ("seed", "train.resume", "train.progress", "train.threads", "train.device", "train.epochs",
-                    "train.latency_batch", "train.snapshot_root", "data.root", "data.workers", "data.download",
-                    "data.eval_batch_size")
-
-
-def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
+RESUME_FREE_KEYS = RUNTIME_KEYS + ("seed", "train.epochs")
 
 
 def resume_conflicts(saved: dict, current: dict) -> list[str]:
     """``key: saved -> current`` for every config value that would change what an exact resume computes."""
-    old, new = _flatten(saved), _flatten(current)
-    free = tuple(RESUME_FREE_KEYS)
+    old, new = flatten(saved), flatten(current)
     return [
         f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
         for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key) and not any(key == f or key.startswith(f + ".") for f in free)
+        if old.get(key) != new.get(key) and not is_free(key, RESUME_FREE_KEYS)
     ]

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torchvision
 
+from analysis.recipes import recipe_key
 from data import DataBundle, save_split
 from experiments.engine.checkpoint import snapshot_dir
 from experiments.engine.records import attach_exit_record, build_exit_record
@@ -74,11 +75,14 @@ def fit_and_record(
     folder = run_folder(run, experiment, train["snapshot_root"])
     split_path = save_split(data.split, folder / "split.npz")
     uid = folder.name
-    meta = plain({**meta, "uid": uid, "config": run.config if run is not None else None,
-                  "split_file": str(split_path), "variant": variant})
-    print(f"{experiment} run {uid} [{variant}]: snapshots in {folder}", flush=True)
+    config = plain(run.config) if run is not None else {}
+    recipe = recipe_key(config, (meta.get("parent") or {}).get("recipe"))
+    meta = plain({**meta, "uid": uid, "config": config, "recipe": recipe, "split_file": str(split_path),
+                  "variant": variant})
+    print(f"{experiment} run {uid} [{variant}, recipe {recipe}]: snapshots in {folder}", flush=True)
     if run is not None:
-        run.info.update(variant=variant, snapshot_dir=str(folder), environment=environment(device, threads))
+        run.info.update(variant=variant, recipe=recipe, snapshot_dir=str(folder),
+                        environment=environment(device, threads))
         if resumed is not None:
             run.info["resumed_from"] = resumed.record()
         run.add_artifact(str(split_path), name="split.npz")

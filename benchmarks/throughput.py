@@ -16,10 +16,20 @@ import torch
 
 from experiments.engine.hardware import autocast, resolve_device, to_memory_format
 from experiments.ingredients.model import msdnet_knobs
+from experiments.ingredients.train import DEVICE_RULE
 from experiments.multiexit_distillation import QUICK_MSDNET
 from losses import ExitCrossEntropy
-from models import create_model
+from models import create_model, list_models
+from models.msdnet import MSDNET_PRESETS
 from models.cost import synchronize
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, or a one-line usage error."""
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
 
 def build(args: argparse.Namespace) -> torch.nn.Module:
     kwargs = {}
@@ -57,15 +67,23 @@ def images_per_second(model, device, amp: str, channels_last: bool, batch: int, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="msdnet")
-    parser.add_argument("--preset", default="phuong_cifar", help="MSDNet preset (arch msdnet)")
-    parser.add_argument("--shape", type=int, nargs=3, default=[1, 28, 28], metavar=("C", "H", "W"))
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--arch", default="msdnet", choices=list_models(), metavar="ARCH",
+                        help="a registered architecture (%(choices)s)")
+    parser.add_argument("--preset", default="phuong_cifar", choices=sorted(MSDNET_PRESETS),
+                        help="MSDNet preset (arch msdnet)")
+    parser.add_argument("--shape", type=positive_int, nargs=3, default=[1, 28, 28], metavar=("C", "H", "W"))
+    parser.add_argument("--classes", type=positive_int, default=10)
+    parser.add_argument("--batch", type=positive_int, default=64)
+    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
+    problem = DEVICE_RULE(args.device)
+    if problem:
+        parser.error(f"argument --device: expected {problem}, got {args.device!r}")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
     model = build(args)
     print(f"{args.arch} ({args.preset if args.arch == 'msdnet' else ''}) input {args.shape} batch {args.batch} "
           f"on {device}, {torch.get_num_threads()} threads")

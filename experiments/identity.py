@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import secrets
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from sacred import Experiment
+from sacred.observers import FileStorageObserver
 from sacred.utils import convert_to_nested_dict, recursive_update
 
 from experiments.engine.checkpoint import load_snapshot, resume_conflicts
@@ -55,6 +57,17 @@ def run_logger() -> logging.Logger:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     return logger
+
+
+def check_writable(folders: Sequence[str | Path]) -> None:
+    """Refuse, before any record exists, folders the run could not create or write into."""
+    for folder in folders:
+        existing = Path(folder).expanduser().absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+            raise PermissionError(f"cannot write to {folder} ({existing} is not a writable folder); "
+                                  "choose another train.snapshot_root, MULTIEXIT_RUNS or -F folder")
 
 
 def check_resume(config: dict, experiment: str, stores: Sequence) -> None:
@@ -125,5 +138,8 @@ class TrackedExperiment(Experiment):
         if derived:
             updates = recursive_update(convert_to_nested_dict(copy.deepcopy(config_updates or {})), derived)
             run = super()._create_run(command_name, updates, named_configs, info, meta_info, options)
+        if command_name in (None, self.default_command):
+            folders = [o.basedir for o in self.observers if isinstance(o, FileStorageObserver)]
+            check_writable([run.config["train"]["snapshot_root"], *folders])
         check_resume(run.config, self.path, stores_of(self.observers))
         return run

@@ -23,7 +23,9 @@ from losses.phuong import TEMPERATURE_MODES
 
 NAME = "multiexit_distillation"
 
-data_ingredient = data_ing.data_ingredient(name="cifar100", n_per_class=150, val_size=5000, batch_size=64)
+# drop_last: the reference drops the last incomplete batch (156 steps per epoch at 100 images per class).
+data_ingredient = data_ing.data_ingredient(name="cifar100", n_per_class=150, val_size=5000, batch_size=64,
+                                           drop_last=True)
 model_ingredient = model_ing.model_ingredient("phuong_cifar")
 optim_ingredient = optim_ing.optim_ingredient(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
                                               schedule="multistep", milestones=[150, 225], gamma=0.1)

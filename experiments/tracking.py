@@ -172,7 +172,7 @@ def catch_up(observers: Sequence[RunObserver], run) -> None:
                   f"  python -m analysis sync {folders[0]} {target.source}", file=sys.stderr)
 
 
-INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError)
+INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError, PermissionError)
 
 
 def _print_error(filtered_trace=sacred.experiment.print_filtered_stacktrace) -> None:
@@ -187,7 +187,11 @@ def _print_error(filtered_trace=sacred.experiment.print_filtered_stacktrace) -> 
 
 def run_cli(ex: Experiment, argv: Sequence[str] | None = None) -> None:
     """The ``__main__`` of every experiment script: attach the observers, then sacred's CLI."""
-    argv, observers = default_observers(list(sys.argv if argv is None else argv))
+    try:
+        argv, observers = default_observers(list(sys.argv if argv is None else argv))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     ex.observers.extend(observers)
     sacred.experiment.print_filtered_stacktrace = _print_error  # sacred's CLI reports failures through it
     try:

@@ -204,3 +204,11 @@ def test_default_threads_honour_omp_num_threads(monkeypatch):
         assert set_threads(None) == len(os.sched_getaffinity(0))
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_snapshot_root_that_cannot_be_written_is_refused_before_any_record(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="is not a writable folder"):
+        run(phuong.ex, tmp_path, train={"snapshot_root": str(blocker / "snapshots")})
+    assert not (tmp_path / "runs").exists()

@@ -229,9 +229,9 @@ def test_bad_knobs_raise_value_errors(over, match):
 def test_msdnet_init_std_and_zero_biases():
     torch.manual_seed(0)
     model = msdnet(num_classes=10, **{**MSDNET_PRESETS["phuong_cifar"], "n_blocks": 2})
-    conv = model.heads[-1].features[1][0]  # 128 -> 128, 3x3: 147k weights
-    assert conv.weight.numel() > 100_000
-    expected = math.sqrt(2.0 / (3 * 3 * conv.out_channels))
+    conv = model.heads[0].features[0][0]  # 24 -> 128, 3x3: fan-out (1152) is not fan-in (216)
+    assert conv.in_channels != conv.out_channels and conv.weight.numel() > 20_000
+    expected = math.sqrt(2.0 / (3 * 3 * conv.out_channels))  # MSDNet's init: He normal over the fan-out
     assert abs(conv.weight.std().item() / expected - 1) < 0.02
     assert abs(conv.weight.mean().item()) < 0.05 * expected
     for m in model.modules():

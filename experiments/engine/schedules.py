@@ -36,8 +36,13 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, epochs: int, iters_per_epoch: int, schedule: str = "multistep",
     milestones: Sequence[float] = (), gamma: float = 0.1, warmup_epochs: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A scheduler to be stepped after every optimisation step."""
+    """A scheduler to be stepped after every optimisation step.
+
+    A milestone below 1 is a fraction of ``epochs`` (IMTA's code drops the lr at 50 % and 75 % of training,
+    whatever the number of epochs); 1 and above are epochs.
+    """
     lr_factor(0, epochs, schedule)  # validate the name before training starts
+    milestones = [m * epochs if 0 < m < 1 else m for m in milestones]
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda it: lr_factor(it / iters_per_epoch, epochs, schedule, milestones, gamma, warmup_epochs),

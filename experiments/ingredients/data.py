@@ -20,6 +20,7 @@ def data_config():
     class_balanced = True  # draw val_size / num_classes validation images from every class
     n_per_class = None  # keep only this many training images per class (train + val), e.g. Phuong's 150
     augment = True  # random translation (+ flip where sensible) on training images only
+    drop_last = False  # drop the last incomplete training batch every epoch
     split_seed = 0  # seed of the train/validation split (independent of the run's seed)
     split_file = None  # reuse a saved split (.npz) instead of drawing one
     locals()  # sacred reads these names; this line tells linters they are used
@@ -42,6 +43,7 @@ RULES = scoped("data", dict(
     workers=integer(min=0),
     val_size=either(integer(min=0), number(min=0, max=1, max_open=True)),
     class_balanced=boolean,
+    drop_last=boolean,
     n_per_class=optional(integer(min=1)),
     augment=boolean,
     split_seed=integer(min=0),

@@ -8,7 +8,7 @@ from sacred import Ingredient
 
 from experiments.engine.schedules import SCHEDULES, build_scheduler
 from experiments.ingredients import ingredient
-from experiments.validation import boolean, choice, integer, list_of, number, scoped
+from experiments.validation import boolean, choice, either, integer, list_of, number, scoped
 
 
 def optim_config():
@@ -17,7 +17,7 @@ def optim_config():
     nesterov = True  # Nesterov momentum
     weight_decay = 1e-4  # L2 penalty on every trained parameter (BN and biases included)
     schedule = "multistep"  # multistep, cosine or constant (evaluated every iteration)
-    milestones = [150, 225]  # multistep: epochs at which the lr is multiplied by gamma
+    milestones = [150, 225]  # multistep: epochs (or fractions of train.epochs, if < 1) at which lr *= gamma
     gamma = 0.1  # multistep decay factor
     warmup_epochs = 0  # linear warmup length in epochs
     locals()  # sacred reads these names; this line tells linters they are used
@@ -29,7 +29,7 @@ RULES = scoped("optim", dict(
     nesterov=boolean,
     weight_decay=number(min=0),
     schedule=choice(*SCHEDULES),
-    milestones=list_of(integer(min=1)),
+    milestones=list_of(either(integer(min=1), number(min=0, max=1, min_open=True, max_open=True))),
     gamma=number(min=0, max=1, min_open=True),
     warmup_epochs=number(min=0),
 ))

@@ -26,9 +26,10 @@ def train_config():
 # A snapshot reference: a run id of this experiment, or the path of a snapshot file or of its run folder.
 SNAPSHOT_REF = optional(either(string, integer(min=1)))
 
+DEVICE_RULE = matches(r"auto|cpu|mps|cuda(:\d+)?", "one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
 RULES = scoped("train", dict(
     epochs=integer(min=1),
-    device=matches(r"auto|cpu|mps|cuda(:\d+)?", "one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"),
+    device=DEVICE_RULE,
     amp=choice(*AMP_MODES),
     channels_last=boolean,
     select=choice(*SELECT_MODES),

@@ -144,7 +144,9 @@ def _list(args) -> int:
     text = listing.astype(object).apply(lambda col: col.map(_cell))
     text[accuracy] = listing[accuracy].apply(lambda col: col.map(lambda v: "" if np.isnan(v) else f"{v:.2f}"))
     print(f"{len(listing)} runs in {args.source}")
-    print(text.to_string(index=False))
+    widths = {c: max([len(c), *text[c].str.len()]) for c in text.columns}
+    for row in [list(text.columns), *text.itertuples(index=False)]:
+        print("  ".join(str(v).ljust(widths[c]) for c, v in zip(text.columns, row)).rstrip())
     return 0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 FILENAME = "exit_record.npz"
+NPZ = "application/octet-stream"  # content type of .npz artifacts (sacred cannot guess it)
 _ARRAYS = ("val_logits", "val_targets", "test_logits", "test_targets", "macs", "params", "latency_ms")
 
 

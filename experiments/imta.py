@@ -44,7 +44,7 @@ def config():
     ge_run = None  # stage imta: run id or snapshot path of a finished stage=ge run
     gamma = 0.9  # OFA: weight of the distillation term of every early exit
     temperature = 3.0  # OFA: distillation temperature T
-    kl_reduction = "batchmean"  # OFA: batchmean (KD as written) or mean (released code: / batch x classes)
+    kl_reduction = "mean"  # OFA: mean (released code, the paper's numbers: KL / batch x classes) or batchmean
     isc_detach = False  # stop gradients through ISC links (paper wording); False as released
     frozen_bn = "eval"  # stage imta: frozen BatchNorm on running statistics; 'train' as released
     locals()  # sacred reads these names; this line tells linters they are used

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torchvision
 
+from analysis.exit_record import NPZ
 from analysis.recipes import recipe_key
 from data import DataBundle, save_split
 from experiments.engine.checkpoint import snapshot_dir
@@ -85,7 +86,7 @@ def fit_and_record(
                         environment=environment(device, threads))
         if resumed is not None:
             run.info["resumed_from"] = resumed.record()
-        run.add_artifact(str(split_path), name="split.npz")
+        run.add_artifact(str(split_path), name="split.npz", content_type=NPZ)
     optimizer = build_optimizer(optim, model.parameters())
     scheduler = build_lr_scheduler(optim, optimizer, train["epochs"], len(data.train))
     trainer = Trainer(

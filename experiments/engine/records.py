@@ -5,7 +5,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from analysis.exit_record import FILENAME, ExitRecord
+from analysis.exit_record import FILENAME, NPZ, ExitRecord
 from experiments.engine.trainer import Trainer
 from models.cost import count_exit_costs, measure_exit_latency
 
@@ -53,6 +53,6 @@ def attach_exit_record(run: Any, record: ExitRecord, folder) -> ExitRecord:
     """Save the record next to the snapshots and add it to the run as the artifact ``exit_record.npz``."""
     path = record.save(folder / FILENAME)
     if run is not None:
-        run.add_artifact(str(path), name=FILENAME)
+        run.add_artifact(str(path), name=FILENAME, content_type=NPZ)
         run.info["exits"] = exit_summary(record)
     return record

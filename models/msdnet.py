@@ -428,5 +428,5 @@ def _preset_builder(preset: str):
 
 
 for _name in MSDNET_PRESETS:
-    register_model(_preset_builder(_name))
+    register_model(_preset_builder(_name), family="msdnet")
 del _name

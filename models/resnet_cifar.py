@@ -70,7 +70,7 @@ def _resnet(depth: int):
 
     build.__name__ = f"resnet{depth}"
     build.__doc__ = f"CIFAR ResNet-{depth} with exits after stages 1, 2 and 3."
-    return register_model(build)
+    return register_model(build, family="resnet")
 
 
 resnet8, resnet14, resnet20, resnet56, resnet110 = (_resnet(d) for d in (8, 14, 20, 56, 110))

@@ -375,3 +375,20 @@ def test_script_runs_from_anywhere_with_the_default_file_observer(tmp_path):
     assert read_json(run / "config.json")["optim"]["lr"] == 0.02
     assert (tmp_path / "snapshots" / "multiexit_distillation" / run.name / "best.pt").is_file()
     assert list(work.iterdir()) == []  # nothing written into the working directory
+
+
+# ------------------------------------------------------------------------------------------- model families
+def test_every_registered_architecture_has_its_family_knobs_in_the_model_ingredient():
+    from experiments.ingredients.model import FAMILIES
+    from models import list_models
+    from models.registry import family_of
+
+    assert {arch: family_of(arch) for arch in list_models() if family_of(arch) not in FAMILIES} == {}
+
+
+def test_an_architecture_reads_its_family_knobs_only():
+    from experiments.ingredients import model as model_ing
+
+    config = {"arch": "resnet20", "resnet": {"width": 8}, "msdnet": {"n_blocks": 99}}
+    net = model_ing.build(config, num_classes=4, in_channels=3, image_size=16)
+    assert net.stem[0].out_channels == 8 and net.num_exits == 3

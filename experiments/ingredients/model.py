@@ -1,18 +1,24 @@
 """The ``model`` ingredient: an architecture name from the registry and its knobs.
 
-Knobs live in one sub-dict per family (``msdnet``, ``resnet``) so that switching ``arch`` never
-feeds one family's knobs to another; every MSDNet preset of the papers is a named config
-(``model.phuong_cifar``, ``model.cifar_anytime``, ...).
+Knobs live in one sub-dict per family (``model.msdnet``, ``model.resnet``, ...), so that switching ``arch``
+never feeds one family's knobs to another. A family registers its knobs once (``register_family``: the
+defaults ``print_config`` shows and the rules that check them); the registry says which family each
+architecture belongs to (``register_model(family=...)``). Every MSDNet preset of the papers is a named
+config (``model.phuong_cifar``, ``model.cifar_anytime``, ...).
 """
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
+from typing import Any
 
 from sacred import Ingredient
 
 from experiments.ingredients import ingredient
-from experiments.validation import boolean, choice, integer, list_of, merge_rules, number, optional, scoped
+from experiments.validation import (Validator, boolean, choice, integer, list_of, merge_rules, number, optional,
+                                   scoped)
 from models import MultiExitNetwork, create_model, list_models
+from models.registry import family_of
 from models.msdnet import INITS, MSDNET_PRESETS, PRUNE_MODES, STEP_MODES, TRANSITION_ROUNDINGS, MSDNet
 
 MSDNET_KNOBS = {
@@ -41,10 +47,32 @@ MSDNET_RULES = dict(
     init=choice(*INITS),
 )
 
-RULES = merge_rules(
-    {"model.arch": choice(*list_models()), "model.resnet.width": integer(min=1)},
-    scoped("model.msdnet", MSDNET_RULES),
-)
+
+
+@dataclass(frozen=True)
+class Family:
+    """The knobs every architecture of a family takes: their defaults and the rules that check them."""
+
+    knobs: dict[str, Any]
+    rules: dict[str, Validator]
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(name: str, knobs: dict[str, Any], rules: dict[str, Validator]) -> None:
+    """Make ``model.<name>.*`` a knob dict of the model ingredient (call before the experiments import)."""
+    unchecked = sorted(set(knobs) - set(rules))
+    if unchecked:
+        raise ValueError(f"family {name!r}: knobs without a rule: {unchecked}")
+    FAMILIES[name] = Family(dict(knobs), dict(rules))
+
+
+register_family("msdnet", MSDNET_KNOBS, MSDNET_RULES)
+register_family("resnet", dict(width=16), dict(width=integer(min=1)))
+
+RULES = merge_rules({"model.arch": choice(*list_models())},
+                    *(scoped(f"model.{name}", family.rules) for name, family in FAMILIES.items()))
 
 # A tiny two-scale, 3-exit MSDNet for tests and smoke runs (16 px synthetic images).
 FAST_MSDNET = dict(n_blocks=3, base=1, step=1, stepmode="even", n_channels=4, growth_rate=4, gr_factor=[1, 2],
@@ -57,26 +85,21 @@ def msdnet_knobs(preset: str) -> dict:
 
 
 def model_config():
-    arch = "msdnet"  # msdnet, resnet8/14/20/56/110 (models.list_models())
-    resnet = dict(width=16)  # CIFAR ResNet knobs (arch resnet*)
+    arch = "msdnet"  # a registered architecture (models.list_models()); its family's knobs are model.<family>
     locals()  # sacred reads these names; this line tells linters they are used
 
 
 def model_ingredient(preset: str = "phuong_cifar", **defaults) -> Ingredient:
-    """A ``model`` ingredient defaulting to an MSDNet preset; one named config per preset."""
+    """A ``model`` ingredient defaulting to an MSDNet preset, every family's knobs, a named config per preset."""
     named = {name: dict(arch="msdnet", msdnet=msdnet_knobs(name)) for name in MSDNET_PRESETS}
     named["fast"] = dict(arch="msdnet", msdnet=FAST_MSDNET)
-    return ingredient("model", model_config, dict(msdnet=msdnet_knobs(preset), **defaults), named)
-
-
-def family(arch: str) -> str:
-    """Which knob dict an architecture reads: 'msdnet' or 'resnet'."""
-    return "msdnet" if arch.startswith("msdnet") else "resnet" if arch.startswith("resnet") else ""
+    knobs = {name: dict(family.knobs) for name, family in FAMILIES.items()}
+    return ingredient("model", model_config, {**knobs, "msdnet": msdnet_knobs(preset), **defaults}, named)
 
 
 def build(config: dict, num_classes: int, in_channels: int, image_size: int, ge_scope: str = "off") -> MultiExitNetwork:
     """Build ``config['arch']`` for the data's shape, with its family's knobs."""
-    knobs = dict(config.get(family(config["arch"]), {}))
+    knobs = dict(config.get(family_of(config["arch"]), {}))
     knobs.pop("num_classes", None)
     return create_model(
         config["arch"], num_classes=num_classes, in_channels=in_channels, image_size=image_size,

@@ -10,7 +10,6 @@ Defaults are the CIFAR-100 budgeted recipe (5-exit MSDNet, 45k/5k split, 300 epo
 """
 from __future__ import annotations
 
-from experiments.engine.checkpoint import load_snapshot
 from experiments.engine.hardware import resolve_device
 from experiments.engine.pipeline import fit_and_record
 from experiments.ingredients import data as data_ing
@@ -18,7 +17,7 @@ from experiments.ingredients import model as model_ing
 from experiments.ingredients import optim as optim_ing
 from experiments.ingredients import train as train_ing
 from experiments.identity import TrackedExperiment
-from experiments.references import ResolvedRun, resolve_run, stores_of
+from experiments.references import load_parent, stores_of
 from experiments.tracking import run_cli
 from experiments.validation import boolean, choice, merge_rules, number, register_rules
 from losses import KL_REDUCTIONS, ExitCrossEntropy, OneForAllLoss
@@ -129,26 +128,12 @@ def fast():
     locals()  # sacred reads these names; this line tells linters they are used
 
 
-def resolve_parent(ge_run, snapshot_root: str, stores) -> tuple[ResolvedRun, dict]:
-    """The finished stage-1 run ``ge_run`` names (uid, run id or path) and its snapshot, checked to be stage ge."""
-    if ge_run in (None, ""):
-        raise ValueError("stage=imta needs ge_run=<uid, run id or snapshot path> of a finished stage=ge run")
-    parent = resolve_run(ge_run, NAME, snapshot_root, stores)
-    snapshot = load_snapshot(parent.snapshot)
-    meta = snapshot.get("meta", {})
-    missing = [k for k in ("model", "data", "variant") if k not in meta]
-    if missing or meta.get("stage") != "ge":
-        raise ValueError(f"{parent.snapshot} is not a stage=ge snapshot of this experiment "
-                         f"(missing {missing or ['stage=ge']})")
-    return parent, snapshot
-
-
 @ex.derive_config
 def stage2_runs_on_its_parent(config: dict, stores) -> dict:
     """Stage imta trains on stage 1's data split and network: the record says so, not the CLI's defaults."""
     if config["stage"] != "imta":
         return {}
-    parent, snapshot = resolve_parent(config["ge_run"], config["train"]["snapshot_root"], stores)
+    parent, snapshot = load_parent(config["ge_run"], "ge_run", NAME, "ge", config["train"]["snapshot_root"], stores)
     meta = snapshot["meta"]
     return {"data": data_ing.inherit_split(config["data"], meta["data"], parent.snapshot.parent / "split.npz"),
             "model": meta["model"]}
@@ -166,7 +151,7 @@ def main(_run, _seed, stage, ge_scope, ge_run, gamma, temperature, kl_reduction,
         variant = model["arch"] + GE_VARIANTS[ge_scope]
         meta = {"stage": "ge", "model": model, "data": data}
     else:
-        parent, snapshot = resolve_parent(ge_run, train["snapshot_root"], stores_of(_run.observers))
+        parent, snapshot = load_parent(ge_run, "ge_run", NAME, "ge", train["snapshot_root"], stores_of(_run.observers))
         bundle = data_ing.build(data, device, _seed)  # stage 1's split and network (stage2_runs_on_its_parent)
         base = model_ing.build(model, bundle.num_classes, bundle.in_channels, bundle.image_size)
         base.load_state_dict(snapshot["model"])

@@ -190,3 +190,20 @@ def resolve_run(ref: Any, experiment: str, snapshot_root: str | Path, stores: Se
     if resolved.uid and recorded and recorded != resolved.uid:
         raise RunReferenceError(f"{resolved.snapshot} holds run {recorded}, not {resolved.uid} that {ref!r} names")
     return ResolvedRun(resolved.uid or recorded, resolved.snapshot, resolved.found, meta.get("recipe"))
+
+
+def load_parent(ref: Any, key: str, experiment: str, stage: str, snapshot_root: str | Path,
+                stores: Sequence = ()) -> tuple[ResolvedRun, dict]:
+    """The finished ``stage`` run of ``experiment`` that the config key ``key`` names, and its final snapshot.
+
+    A later stage starts here: the snapshot's meta holds the parent's model and data configs and its uid.
+    """
+    if ref in (None, ""):
+        raise RunReferenceError(f"{key} is needed: the uid, run id or snapshot path of a finished stage={stage} run")
+    parent = resolve_run(ref, experiment, snapshot_root, stores)
+    snapshot = load_snapshot(parent.snapshot)
+    meta = snapshot.get("meta") or {}
+    if meta.get("stage") != stage or not {"model", "data", "variant"} <= set(meta):
+        raise RunReferenceError(f"{key}={ref!r} names {parent.snapshot}, which is not a finished stage={stage} run "
+                                f"of {experiment} (its stage: {meta.get('stage')!r})")
+    return parent, snapshot

@@ -180,7 +180,7 @@ def test_two_stage_pipeline_passes_snapshot_and_split(imta_runs):
 @pytest.mark.parametrize("updates, error, match", [
     ({}, ConfigError, "invalid stage=None: expected one of 'ge', 'imta'"),
     ({"stage": "gee"}, ConfigError, "invalid stage='gee'"),
-    ({"stage": "imta"}, ValueError, "needs ge_run"),
+    ({"stage": "imta"}, RunReferenceError, "ge_run is needed: the uid, run id or snapshot path of a finished stage=ge"),
     ({"stage": "imta", "ge_run": "999"}, RunReferenceError, "no imta run with id 999"),
     ({"stage": "ge", "ge_scope": "some"}, ConfigError, "invalid ge_scope='some'"),
 ])

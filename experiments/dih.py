@@ -4,8 +4,10 @@ Stages of one experiment, chained by run reference (uid, run id or snapshot path
 
     python experiments/dih.py with stage=teacher quick                        # A: CE training of the teacher
     python experiments/dih.py with stage=heads quick teacher_run=<uid>        # B: heads on the frozen teacher
+    python experiments/dih.py with stage=student quick teacher_run=<uid> heads_run=<uid> method=dih   # C
 
-Stage C (the student, with DIH and the KD-family baselines) is not built yet. Defaults are the paper's
+Stage C trains the student (``student_arch``) with ``method``: ce, kd or dih so far (the other KD-family
+baselines are not built yet). Defaults are the paper's
 CIFAR-100 recipe (ResNet-110 teacher, 200 epochs, batch 64, SGD 0.1 Nesterov, wd 5e-4, x0.2 at 60/120/180),
 with 5k training images held out for validation: the released code selected checkpoints on the test set.
 """
@@ -18,14 +20,18 @@ from experiments.ingredients import data as data_ing
 from experiments.ingredients import model as model_ing
 from experiments.ingredients import optim as optim_ing
 from experiments.ingredients import train as train_ing
-from experiments.references import load_parent, stores_of
+from experiments.references import ResolvedRun, RunReferenceError, load_parent, stores_of
 from experiments.tracking import run_cli
-from experiments.validation import choice, merge_rules, register_rules
-from losses import ExitCrossEntropy
+from experiments.validation import choice, merge_rules, number, register_rules
+from losses import ExitCrossEntropy, MultiExitLoss
+from losses.cohort import COHORT_REDUCTIONS, CohortDistillation
+from models import list_models
 from models.dih import IntermediateHeads
+from models.distill import StudentWithTeacher
 
 NAME = "dih"
-STAGES = ("teacher", "heads")
+STAGES = ("teacher", "heads", "student")
+METHODS = ("ce", "kd", "dih")
 
 data_ingredient = data_ing.data_ingredient(name="cifar100", val_size=5000, batch_size=64)
 model_ingredient = model_ing.model_ingredient(arch="resnet110")
@@ -37,12 +43,20 @@ ex = TrackedExperiment(NAME, ingredients=[data_ingredient, model_ingredient, opt
 
 @ex.config
 def config():
-    stage = None  # teacher (A: CE on the teacher's final exit) or heads (B: DIH's heads on the frozen teacher)
-    teacher_run = None  # stage heads: uid, run id or snapshot path of a finished stage=teacher run
+    stage = None  # teacher (A: CE on the final exit), heads (B: DIH's heads on the frozen teacher), student (C)
+    teacher_run = None  # stages heads and student: uid, run id or snapshot path of a finished stage=teacher run
+    heads_run = None  # stage student, method dih: a finished stage=heads run of that teacher
+    student_arch = "resnet8"  # stage student: the student's architecture (its family's model.* knobs apply)
+    method = "dih"  # stage student: ce (no teacher), kd (the teacher's final exit) or dih (heads + final exit)
+    alpha = 0.1  # weight of every KD term's KL (its CE gets 1 - alpha)
+    kd_temperature = 5.0  # KD temperature tau
+    cohort_reduction = "mean"  # dih: mean of the k+1 KD terms (KD's scale) or sum (released: CE counted k+1 times)
     locals()  # sacred reads these names; this line tells linters they are used
 
 
-RULES = dict(stage=choice(*STAGES), teacher_run=train_ing.SNAPSHOT_REF)
+RULES = dict(stage=choice(*STAGES), teacher_run=train_ing.SNAPSHOT_REF, heads_run=train_ing.SNAPSHOT_REF,
+             student_arch=choice(*list_models()), method=choice(*METHODS), alpha=number(min=0, max=1),
+             kd_temperature=number(min=0, min_open=True), cohort_reduction=choice(*COHORT_REDUCTIONS))
 register_rules(NAME, merge_rules(data_ing.RULES, model_ing.RULES, optim_ing.RULES, train_ing.RULES, RULES))
 
 
@@ -75,16 +89,33 @@ def fast():
     locals()  # sacred reads these names; this line tells linters they are used
 
 
+def load_teacher(config: dict, stores) -> tuple[ResolvedRun, dict]:
+    return load_parent(config["teacher_run"], "teacher_run", NAME, "teacher", config["train"]["snapshot_root"], stores)
+
+
+def load_heads(config: dict, teacher: ResolvedRun, stores) -> tuple[ResolvedRun, dict]:
+    """The heads run named by ``heads_run``, refused unless it was trained on ``teacher``."""
+    heads, snapshot = load_parent(config["heads_run"], "heads_run", NAME, "heads", config["train"]["snapshot_root"],
+                                  stores)
+    trained_on = snapshot["meta"].get("parent", {}).get("uid")
+    if trained_on != teacher.uid:
+        raise RunReferenceError(f"heads_run {heads.uid} holds heads of teacher {trained_on}, not of teacher_run "
+                                f"{teacher.uid}")
+    return heads, snapshot
+
+
 @ex.derive_config
-def heads_train_on_their_teacher(config: dict, stores) -> dict:
-    """Stage heads trains on the teacher's data split and network: the record says so."""
-    if config["stage"] != "heads":
+def later_stages_train_on_the_teachers_split(config: dict, stores) -> dict:
+    """Stages heads and student use the teacher's data split (heads: its network too); the record says so."""
+    if config["stage"] == "teacher":
         return {}
-    parent, snapshot = load_parent(config["teacher_run"], "teacher_run", NAME, "teacher",
-                                   config["train"]["snapshot_root"], stores)
+    parent, snapshot = load_teacher(config, stores)
+    if config["stage"] == "student" and config["method"] == "dih":
+        load_heads(config, parent, stores)
     meta = snapshot["meta"]
+    model = meta["model"] if config["stage"] == "heads" else {**config["model"], "arch": config["student_arch"]}
     return {"data": data_ing.inherit_split(config["data"], meta["data"], parent.snapshot.parent / "split.npz"),
-            "model": meta["model"]}
+            "model": model}
 
 
 def final_exit_only(num_exits: int) -> ExitCrossEntropy:
@@ -92,23 +123,45 @@ def final_exit_only(num_exits: int) -> ExitCrossEntropy:
     return ExitCrossEntropy(weights=[0.0] * (num_exits - 1) + [1.0])
 
 
+def student_objective(method: str, net: StudentWithTeacher, alpha: float, kd_temperature: float,
+                      cohort_reduction: str) -> MultiExitLoss:
+    """The student's loss: on its final exit only (DIH's student has no heads)."""
+    if method == "ce":
+        return final_exit_only(net.num_exits)
+    return CohortDistillation(net.taps, alpha, kd_temperature, cohort="all" if method == "dih" else "final",
+                              reduction=cohort_reduction)
+
+
 @ex.main
-def main(_run, _seed, stage, teacher_run, data, model, optim, train) -> dict:
-    """Stage teacher trains the teacher with CE; stage heads trains DIH's heads on it, frozen."""
+def main(_run, _seed, stage, method, alpha, kd_temperature, cohort_reduction, data, model, optim, train) -> dict:
+    """Stage teacher trains the teacher with CE; heads trains DIH's heads on it, frozen; student distils."""
     device = resolve_device(train["device"])
-    bundle = data_ing.build(data, device, _seed)
+    bundle = data_ing.build(data, device, _seed)  # later stages: the teacher's split (derived config)
     net = model_ing.build(model, bundle.num_classes, bundle.in_channels, bundle.image_size)
     if stage == "teacher":
         loss, variant, meta = final_exit_only(net.num_exits), model["arch"], {"stage": "teacher"}
-    else:
-        parent, snapshot = load_parent(teacher_run, "teacher_run", NAME, "teacher", train["snapshot_root"],
-                                       stores_of(_run.observers))
+        return fit_and_record(_run, NAME, net, loss, bundle, optim, train, device, variant=variant,
+                              meta={**meta, "model": model, "data": data})
+    stores = stores_of(_run.observers)
+    parent, snapshot = load_teacher(_run.config, stores)
+    teacher = model_ing.build(snapshot["meta"]["model"], bundle.num_classes, bundle.in_channels, bundle.image_size)
+    teacher.load_state_dict(snapshot["model"])
+    if stage == "heads":
         net.load_state_dict(snapshot["model"])
         net = IntermediateHeads(net, bundle.input_shape())
         loss = ExitCrossEntropy(weights=[1.0] * (net.num_exits - 1) + [0.0])  # the frozen final exit: no term
-        variant, meta = f"{model['arch']}+heads", {"stage": "heads", "parent": parent.record()}
-        _run.info["parent"] = parent.record()
-    meta.update(model=model, data=data)
+        variant = f"{model['arch']}+heads"
+    else:
+        if method == "dih":
+            heads, heads_snapshot = load_heads(_run.config, parent, stores)
+            teacher = IntermediateHeads(teacher, bundle.input_shape())
+            teacher.load_state_dict(heads_snapshot["model"])
+            _run.info["heads"] = heads.record()
+        net = StudentWithTeacher(net, teacher)
+        loss = student_objective(method, net, alpha, kd_temperature, cohort_reduction)
+        variant = f"{method}: {snapshot['meta']['model']['arch']} -> {model['arch']}"
+    _run.info["parent"] = parent.record()
+    meta = {"stage": stage, "parent": parent.record(), "model": model, "data": data}
     return fit_and_record(_run, NAME, net.to(device), loss, bundle, optim, train, device, variant=variant, meta=meta)
 
 

@@ -1,5 +1,5 @@
 """Multi-exit backbones, the registry that builds them by name, and their cost."""
-from models import msdnet, resnet_cifar  # noqa: F401  (registers the backbones)
+from models import msdnet, resnet_cifar, resnet_imagenet, vgg, wide_resnet  # noqa: F401  (registers the backbones)
 from models.imta import IMTANetwork, build_imta
 from models.cost import count_exit_costs, measure_exit_latency
 from models.multiexit import ExitHead, MultiExitNetwork, select_state

@@ -53,6 +53,13 @@ class IntermediateHeads(MultiExitNetwork):
         with torch.no_grad():
             return self.teacher.init_state(x)
 
+    def staged_outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """The cohort's logits (heads, then the teacher's final exit), the teacher's stage outputs and its
+        final feature vector."""
+        with torch.no_grad():
+            logits, features, embedding = self.teacher.staged_outputs(x)
+        return [head(f) for head, f in zip(self.heads, features)] + logits[-1:], features, embedding
+
     def run_stage(self, k: int, state: State) -> tuple[State, torch.Tensor]:
         """Stages 1..k: teacher stage k and head k; the extra last stage: the teacher's final exit."""
         if k == self.stages:

@@ -125,6 +125,18 @@ class MultiExitNetwork(nn.Module):
             logits.append(out)
         return logits
 
+    def staged_outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Every exit's logits, the tensor each stage hands its exit, and the last exit's feature vector:
+        what feature-based distillation reads, from one pass."""
+        state = self.init_state(x)
+        logits, features = [], []
+        for k in range(self.num_exits):
+            state, head_in = self.trunk(k, state)
+            features.append(head_in)
+            embedding = self.heads[k].features(head_in)
+            logits.append(self.heads[k].classifier(embedding))
+        return logits, features, embedding
+
     def exit_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each head's feature vector (input of its classifier), shallow to deep."""
         state = self.init_state(x)

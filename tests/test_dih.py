@@ -3,6 +3,7 @@ table), the frozen teacher, the teacher -> heads chain by uid, and the reference
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,67 @@ def test_a_heads_run_needs_a_finished_teacher_run(chain, tmp_path):
         run(root, stage="heads")
     with pytest.raises(RunReferenceError, match="not a finished stage=teacher run of dih .*'heads'"):
         run(root, stage="heads", teacher_run=heads.info["uid"])
+
+
+# ------------------------------------------------------------------------------------------- stage C
+def fixed_taps(*teacher_logits):
+    from losses.taps import Taps
+
+    empty = torch.zeros(0)
+    return lambda: Taps([], empty, [], empty, list(teacher_logits))
+
+
+def test_kd_and_the_dih_cohort_by_hand():
+    """One sample, two classes: z_s = [0, 0] (p = 1/2, 1/2), label 1; teachers z = [0, ln 3] (q = 1/4, 3/4) and
+    z = [0, 0] (q = p, KL 0); tau = 1 so the tau^2 factor is visible only through the temperature argument."""
+    from losses.cohort import CohortDistillation
+
+    student = [torch.zeros(1, 2, requires_grad=True)]
+    y = torch.tensor([1])
+    ce = math.log(2)
+    kl = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    sharp, flat = torch.tensor([[0.0, math.log(3)]]), torch.zeros(1, 2)
+    kd = CohortDistillation(fixed_taps(flat, sharp), alpha=0.1, temperature=1.0, cohort="final")
+    assert kd(student, y).item() == pytest.approx(0.9 * ce + 0.1 * kl)  # the final exit only
+    summed = CohortDistillation(fixed_taps(flat, sharp), alpha=0.1, temperature=1.0, reduction="sum")
+    assert summed(student, y).item() == pytest.approx(2 * 0.9 * ce + 0.1 * kl)  # CE counted once per member
+    mean = CohortDistillation(fixed_taps(flat, sharp), alpha=0.1, temperature=1.0, reduction="mean")
+    assert mean(student, y).item() == pytest.approx(0.9 * ce + 0.1 * kl / 2)
+    hot = CohortDistillation(fixed_taps(sharp), alpha=1.0, temperature=2.0, cohort="final")
+    q = torch.softmax(sharp / 2, 1)[0]
+    assert hot(student, y).item() == pytest.approx(4 * float((q * (q / 0.5).log()).sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "dih"])
+def test_every_method_fits_a_tiny_batch_and_never_moves_the_teacher(method):
+    from experiments.dih import student_objective
+    from models.distill import StudentWithTeacher
+
+    torch.manual_seed(0)
+    teacher = IntermediateHeads(create_model("resnet8", num_classes=3, width=4), (3, 8, 8))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    net = StudentWithTeacher(create_model("resnet8", num_classes=3, width=4), teacher).train()
+    loss_fn = student_objective(method, net, alpha=0.1, kd_temperature=5.0, cohort_reduction="mean")
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss_fn(net(x), y).backward()
+        optimizer.step()
+    net.eval()
+    assert (net(x)[-1].argmax(1) == y).all()
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_the_student_stage_chains_teacher_and_heads_and_refuses_heads_of_another_teacher(chain):
+    root, teacher, heads = chain
+    runs = {m: run(root, stage="student", method=m, teacher_run=teacher.info["uid"], heads_run=heads.info["uid"])
+            for m in ("kd", "dih")}
+    for method, r in runs.items():
+        assert r.status == "COMPLETED" and r.info["variant"] == f"{method}: resnet8 -> resnet8"
+        assert (Path(r.info["snapshot_dir"]) / "exit_record.npz").is_file()
+        assert r.info["parent"]["uid"] == teacher.info["uid"]
+    assert runs["dih"].info["heads"]["uid"] == heads.info["uid"]
+    other = run(root, stage="teacher", seed=9)
+    with pytest.raises(RunReferenceError, match=f"holds heads of teacher {teacher.info['uid']}, not of teacher_run"):
+        run(root, stage="student", method="dih", teacher_run=other.info["uid"], heads_run=heads.info["uid"])

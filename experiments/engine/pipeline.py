@@ -87,7 +87,8 @@ def fit_and_record(
         if resumed is not None:
             run.info["resumed_from"] = resumed.record()
         run.add_artifact(str(split_path), name="split.npz", content_type=NPZ)
-    optimizer = build_optimizer(optim, model.parameters())
+    # an objective's own trainable parts (a FitNets regressor, CRD's embeddings) train with the model
+    optimizer = build_optimizer(optim, [*model.parameters(), *loss_fn.parameters()])
     scheduler = build_lr_scheduler(optim, optimizer, train["epochs"], len(data.train))
     trainer = Trainer(
         model, loss_fn, optimizer, scheduler, data.train, data.val, device, amp=train["amp"],

@@ -13,7 +13,7 @@ has no exit, and the last exit is the network's own classifier, as DIH's last he
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Sequence
 
 from torch import nn
 
@@ -21,7 +21,7 @@ from models.multiexit import MultiExitNetwork
 from models.registry import register_model
 from models.resnet_cifar import init_convs, pooled_linear_head
 
-Layer = Union[int, str]  # a conv's output channels, or "M" for a 2x2 max-pool
+Layer = int | str  # a conv's output channels, or "M" for a 2x2 max-pool
 
 VGG11_STAGES: list[list[Layer]] = [[64, "M"], [128, "M"], [256, 256, "M"], [512, 512, "M", 512, 512, "M"]]
 

@@ -46,7 +46,7 @@ BAD = [
     ("md", {"data.batchsize": 16}, "Did you mean 'data.batch_size'"),
     ("md", {"model.msdnet.n_block": 3}, "Did you mean 'model.msdnet.n_blocks'?"),
     ("imta", {"model.resnet.depth": 20}, "unknown config key 'model.resnet.depth'. Did you mean "
-                                         "'model.resnet.width'? Valid keys of model.resnet: width"),
+                                         "'model.resnet.width'? Valid keys of model.resnet: shortcut, width"),
     ("md", {"model.msdnet.num_classes": 10}, "unknown config key 'model.msdnet.num_classes'"),
     # unknown top-level keys (sacred's ConfigAddedError would be a multi-line traceback)
     ("imta", {"gama": 0.5}, "unknown config key 'gama'. Did you mean 'gamma'? Valid keys at the top level:"),

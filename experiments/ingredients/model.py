@@ -69,7 +69,12 @@ def register_family(name: str, knobs: dict[str, Any], rules: dict[str, Validator
 
 
 register_family("msdnet", MSDNET_KNOBS, MSDNET_RULES)
-register_family("resnet", dict(width=16), dict(width=integer(min=1)))
+SHORTCUTS = ("A", "B")  # A: parameter-free zero padding (CIFAR ResNets), B: 1x1 conv + BN projection
+register_family("resnet", dict(width=16, shortcut="A"), dict(width=integer(min=1), shortcut=choice(*SHORTCUTS)))
+register_family("resnet_imagenet", dict(width=64, shortcut="B"),
+                dict(width=integer(min=1), shortcut=choice(*SHORTCUTS)))
+register_family("wrn", dict(dropout=0.0), dict(dropout=number(min=0, max=1, max_open=True)))
+register_family("vgg", {}, {})
 
 RULES = merge_rules({"model.arch": choice(*list_models())},
                     *(scoped(f"model.{name}", family.rules) for name, family in FAMILIES.items()))
@@ -93,7 +98,7 @@ def model_ingredient(preset: str = "phuong_cifar", **defaults) -> Ingredient:
     """A ``model`` ingredient defaulting to an MSDNet preset, every family's knobs, a named config per preset."""
     named = {name: dict(arch="msdnet", msdnet=msdnet_knobs(name)) for name in MSDNET_PRESETS}
     named["fast"] = dict(arch="msdnet", msdnet=FAST_MSDNET)
-    knobs = {name: dict(family.knobs) for name, family in FAMILIES.items()}
+    knobs = {name: dict(family.knobs) for name, family in FAMILIES.items() if family.knobs}
     return ingredient("model", model_config, {**knobs, "msdnet": msdnet_knobs(preset), **defaults}, named)
 
 

@@ -19,6 +19,7 @@ from experiments.validation import (Validator, boolean, choice, integer, list_of
                                    scoped)
 from models import MultiExitNetwork, create_model, list_models
 from models.registry import family_of
+from models.resnet_cifar import SHORTCUTS
 from models.msdnet import INITS, MSDNET_PRESETS, PRUNE_MODES, STEP_MODES, TRANSITION_ROUNDINGS, MSDNet
 
 MSDNET_KNOBS = {
@@ -69,7 +70,6 @@ def register_family(name: str, knobs: dict[str, Any], rules: dict[str, Validator
 
 
 register_family("msdnet", MSDNET_KNOBS, MSDNET_RULES)
-SHORTCUTS = ("A", "B")  # A: parameter-free zero padding (CIFAR ResNets), B: 1x1 conv + BN projection
 register_family("resnet", dict(width=16, shortcut="A"), dict(width=integer(min=1), shortcut=choice(*SHORTCUTS)))
 register_family("resnet_imagenet", dict(width=64, shortcut="B"),
                 dict(width=integer(min=1), shortcut=choice(*SHORTCUTS)))

@@ -107,7 +107,7 @@ def load_heads(config: dict, teacher: ResolvedRun, stores) -> tuple[ResolvedRun,
 @ex.derive_config
 def later_stages_train_on_the_teachers_split(config: dict, stores) -> dict:
     """Stages heads and student use the teacher's data split (heads: its network too); the record says so."""
-    if config["stage"] == "teacher":
+    if config["stage"] not in ("heads", "student"):
         return {}
     parent, snapshot = load_teacher(config, stores)
     if config["stage"] == "student" and config["method"] == "dih":

@@ -134,7 +134,12 @@ class TrackedExperiment(Experiment):
         validate_run(run, rules)
         derived: dict = {}
         for derive in self.derivations:
-            derived = recursive_update(derived, derive(run.config, stores_of(self.observers)))
+            try:
+                derived = recursive_update(derived, derive(run.config, stores_of(self.observers)))
+            except ValueError:
+                if command_name in (None, self.default_command):
+                    raise  # a command that only shows the config shows it as given
+
         if derived:
             updates = recursive_update(convert_to_nested_dict(copy.deepcopy(config_updates or {})), derived)
             run = super()._create_run(command_name, updates, named_configs, info, meta_info, options)

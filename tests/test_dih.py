@@ -165,3 +165,10 @@ def test_the_student_stage_chains_teacher_and_heads_and_refuses_heads_of_another
     other = run(root, stage="teacher", seed=9)
     with pytest.raises(RunReferenceError, match=f"holds heads of teacher {teacher.info['uid']}, not of teacher_run"):
         run(root, stage="student", method="dih", teacher_run=other.info["uid"], heads_run=heads.info["uid"])
+
+
+def test_show_commands_work_without_the_references_a_run_needs(capsys):
+    dih.ex.run_commandline(["dih.py", "print_named_configs", "--loglevel=ERROR"])
+    assert "crd_recipe" in capsys.readouterr().out
+    dih.ex.run_commandline(["dih.py", "print_config", "with", "stage=student", "--loglevel=ERROR"])
+    assert "student_arch = 'resnet8'" in capsys.readouterr().out

@@ -6,8 +6,8 @@ Stages of one experiment, chained by run reference (uid, run id or snapshot path
     python experiments/dih.py with stage=heads quick teacher_run=<uid>        # B: heads on the frozen teacher
     python experiments/dih.py with stage=student quick teacher_run=<uid> heads_run=<uid> method=dih   # C
 
-Stage C trains the student (``student_arch``) with ``method``: ce, kd or dih so far (the other KD-family
-baselines are not built yet). Defaults are the paper's
+Stage C trains the student (``student_arch``) with ``method``: ce, kd, dih or at so far (FitNets, TAKD, CRD,
+TOFD and MHKD are not wired yet). Defaults are the paper's
 CIFAR-100 recipe (ResNet-110 teacher, 200 epochs, batch 64, SGD 0.1 Nesterov, wd 5e-4, x0.2 at 60/120/180),
 with 5k training images held out for validation: the released code selected checkpoints on the test set.
 """
@@ -23,15 +23,14 @@ from experiments.ingredients import train as train_ing
 from experiments.references import ResolvedRun, RunReferenceError, load_parent, stores_of
 from experiments.tracking import run_cli
 from experiments.validation import choice, merge_rules, number, register_rules
-from losses import ExitCrossEntropy, MultiExitLoss
-from losses.cohort import COHORT_REDUCTIONS, CohortDistillation
+from losses import COHORT_REDUCTIONS, AttentionTransferLoss, CohortDistillation, ExitCrossEntropy, MultiExitLoss
 from models import list_models
 from models.dih import IntermediateHeads
 from models.distill import StudentWithTeacher
 
 NAME = "dih"
 STAGES = ("teacher", "heads", "student")
-METHODS = ("ce", "kd", "dih")
+METHODS = ("ce", "kd", "dih", "at")
 
 data_ingredient = data_ing.data_ingredient(name="cifar100", val_size=5000, batch_size=64)
 model_ingredient = model_ing.model_ingredient(arch="resnet110")
@@ -47,7 +46,7 @@ def config():
     teacher_run = None  # stages heads and student: uid, run id or snapshot path of a finished stage=teacher run
     heads_run = None  # stage student, method dih: a finished stage=heads run of that teacher
     student_arch = "resnet8"  # stage student: the student's architecture (its family's model.* knobs apply)
-    method = "dih"  # stage student: ce (no teacher), kd (the teacher's final exit) or dih (heads + final exit)
+    method = "dih"  # stage student: ce (no teacher), kd (teacher's final exit), dih (heads + final exit), at
     alpha = 0.1  # weight of every KD term's KL (its CE gets 1 - alpha)
     kd_temperature = 5.0  # KD temperature tau
     cohort_reduction = "mean"  # dih: mean of the k+1 KD terms (KD's scale) or sum (released: CE counted k+1 times)
@@ -128,6 +127,8 @@ def student_objective(method: str, net: StudentWithTeacher, alpha: float, kd_tem
     """The student's loss: on its final exit only (DIH's student has no heads)."""
     if method == "ce":
         return final_exit_only(net.num_exits)
+    if method == "at":
+        return AttentionTransferLoss(net.taps)  # RepDistiller's AT: CE + 1000 x attention distance, every stage
     return CohortDistillation(net.taps, alpha, kd_temperature, cohort="all" if method == "dih" else "final",
                               reduction=cohort_reduction)
 

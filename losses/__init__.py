@@ -1,8 +1,12 @@
 """Every objective used by the experiments, behind the ``MultiExitLoss`` interface."""
+from losses.attention import AttentionTransferLoss
 from losses.base import MultiExitLoss
+from losses.cohort import COHORT_REDUCTIONS, CohortDistillation
 from losses.exits import ExitCrossEntropy
+from losses.fitnets import FitNetsHintLoss
 from losses.kd import KL_REDUCTIONS, kd_kl, soft_cross_entropy
 from losses.ofa import OneForAllLoss
 from losses.phuong import PhuongDistillationLoss
 
-__all__ = ["KL_REDUCTIONS", "ExitCrossEntropy", "MultiExitLoss", "OneForAllLoss", "PhuongDistillationLoss", "kd_kl", "soft_cross_entropy"]
+__all__ = ["COHORT_REDUCTIONS", "KL_REDUCTIONS", "AttentionTransferLoss", "CohortDistillation", "ExitCrossEntropy",
+           "FitNetsHintLoss", "MultiExitLoss", "OneForAllLoss", "PhuongDistillationLoss", "kd_kl", "soft_cross_entropy"]

@@ -132,7 +132,7 @@ def test_kd_and_the_dih_cohort_by_hand():
     assert hot(student, y).item() == pytest.approx(4 * float((q * (q / 0.5).log()).sum()), rel=1e-6)
 
 
-@pytest.mark.parametrize("method", ["ce", "kd", "dih"])
+@pytest.mark.parametrize("method", ["ce", "kd", "dih", "at"])
 def test_every_method_fits_a_tiny_batch_and_never_moves_the_teacher(method):
     from experiments.dih import student_objective
     from models.distill import StudentWithTeacher

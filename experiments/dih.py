@@ -5,13 +5,17 @@ Stages of one experiment, chained by run reference (uid, run id or snapshot path
     python experiments/dih.py with stage=teacher quick                        # A: CE training of the teacher
     python experiments/dih.py with stage=heads quick teacher_run=<uid>        # B: heads on the frozen teacher
     python experiments/dih.py with stage=student quick teacher_run=<uid> heads_run=<uid> method=dih   # C
+    python experiments/dih.py with stage=hint fitnets_hint quick teacher_run=<uid>   # FitNets' hint phase, then
+    python experiments/dih.py with stage=student quick method=fitnets teacher_run=<uid> hint_run=<uid>
 
-Stage C trains the student (``student_arch``) with ``method``: ce, kd, dih or at so far (FitNets, TAKD, CRD,
+Stage C trains the student (``student_arch``) with ``method``: ce, kd, dih, at or fitnets so far (TAKD, CRD,
 TOFD and MHKD are not wired yet). Defaults are the paper's
 CIFAR-100 recipe (ResNet-110 teacher, 200 epochs, batch 64, SGD 0.1 Nesterov, wd 5e-4, x0.2 at 60/120/180),
 with 5k training images held out for validation: the released code selected checkpoints on the test set.
 """
 from __future__ import annotations
+
+import torch
 
 from experiments.engine.hardware import resolve_device
 from experiments.engine.pipeline import fit_and_record
@@ -23,14 +27,15 @@ from experiments.ingredients import train as train_ing
 from experiments.references import ResolvedRun, RunReferenceError, load_parent, stores_of
 from experiments.tracking import run_cli
 from experiments.validation import choice, merge_rules, number, register_rules
-from losses import COHORT_REDUCTIONS, AttentionTransferLoss, CohortDistillation, ExitCrossEntropy, MultiExitLoss
+from losses import (COHORT_REDUCTIONS, AttentionTransferLoss, CohortDistillation, ExitCrossEntropy, FitNetsHintLoss,
+                    MultiExitLoss)
 from models import list_models
 from models.dih import IntermediateHeads
 from models.distill import StudentWithTeacher
 
 NAME = "dih"
-STAGES = ("teacher", "heads", "student")
-METHODS = ("ce", "kd", "dih", "at")
+STAGES = ("teacher", "heads", "hint", "student")
+METHODS = ("ce", "kd", "dih", "at", "fitnets")
 
 data_ingredient = data_ing.data_ingredient(name="cifar100", val_size=5000, batch_size=64)
 model_ingredient = model_ing.model_ingredient(arch="resnet110")
@@ -42,11 +47,12 @@ ex = TrackedExperiment(NAME, ingredients=[data_ingredient, model_ingredient, opt
 
 @ex.config
 def config():
-    stage = None  # teacher (A: CE on the final exit), heads (B: DIH's heads on the frozen teacher), student (C)
+    stage = None  # teacher (A: CE), heads (B: DIH's heads on the frozen teacher), student (C), hint (FitNets' 1st)
     teacher_run = None  # stages heads and student: uid, run id or snapshot path of a finished stage=teacher run
     heads_run = None  # stage student, method dih: a finished stage=heads run of that teacher
+    hint_run = None  # stage student, method fitnets: a finished stage=hint run (FitNets' first phase) of it
     student_arch = "resnet8"  # stage student: the student's architecture (its family's model.* knobs apply)
-    method = "dih"  # stage student: ce (no teacher), kd (teacher's final exit), dih (heads + final exit), at
+    method = "dih"  # stage student: ce, kd (teacher's final exit), dih (heads + final exit), at, fitnets (KD)
     alpha = 0.1  # weight of every KD term's KL (its CE gets 1 - alpha)
     kd_temperature = 5.0  # KD temperature tau
     cohort_reduction = "mean"  # dih: mean of the k+1 KD terms (KD's scale) or sum (released: CE counted k+1 times)
@@ -54,6 +60,7 @@ def config():
 
 
 RULES = dict(stage=choice(*STAGES), teacher_run=train_ing.SNAPSHOT_REF, heads_run=train_ing.SNAPSHOT_REF,
+             hint_run=train_ing.SNAPSHOT_REF,
              student_arch=choice(*list_models()), method=choice(*METHODS), alpha=number(min=0, max=1),
              kd_temperature=number(min=0, min_open=True), cohort_reduction=choice(*COHORT_REDUCTIONS))
 register_rules(NAME, merge_rules(data_ing.RULES, model_ing.RULES, optim_ing.RULES, train_ing.RULES, RULES))
@@ -65,6 +72,14 @@ def crd_recipe():
     data = dict(batch_size=128)
     optim = dict(lr=0.05, milestones=[150, 180, 210], gamma=0.1)
     train = dict(epochs=240)
+    locals()  # sacred reads these names; this line tells linters they are used
+
+
+@ex.named_config
+def fitnets_hint():
+    """FitNets' hint phase as released: 40 epochs at lr 0.1 (its 60/120/180 x0.2 milestones fall after them)."""
+    optim = dict(lr=0.1)
+    train = dict(epochs=40)
     locals()  # sacred reads these names; this line tells linters they are used
 
 
@@ -92,25 +107,28 @@ def load_teacher(config: dict, stores) -> tuple[ResolvedRun, dict]:
     return load_parent(config["teacher_run"], "teacher_run", NAME, "teacher", config["train"]["snapshot_root"], stores)
 
 
-def load_heads(config: dict, teacher: ResolvedRun, stores) -> tuple[ResolvedRun, dict]:
-    """The heads run named by ``heads_run``, refused unless it was trained on ``teacher``."""
-    heads, snapshot = load_parent(config["heads_run"], "heads_run", NAME, "heads", config["train"]["snapshot_root"],
-                                  stores)
+def load_child(config: dict, key: str, stage: str, teacher: ResolvedRun, stores) -> tuple[ResolvedRun, dict]:
+    """The ``stage`` run named by ``config[key]`` (heads, hint), refused unless it was trained on ``teacher``."""
+    child, snapshot = load_parent(config[key], key, NAME, stage, config["train"]["snapshot_root"], stores)
     trained_on = snapshot["meta"].get("parent", {}).get("uid")
     if trained_on != teacher.uid:
-        raise RunReferenceError(f"heads_run {heads.uid} holds heads of teacher {trained_on}, not of teacher_run "
+        raise RunReferenceError(f"{key} {child.uid} holds {stage} of teacher {trained_on}, not of teacher_run "
                                 f"{teacher.uid}")
-    return heads, snapshot
+    return child, snapshot
+
+
+# What a student stage needs beyond the teacher: (config key, stage of the run it names), per method.
+NEEDS = {"dih": ("heads_run", "heads"), "fitnets": ("hint_run", "hint")}
 
 
 @ex.derive_config
 def later_stages_train_on_the_teachers_split(config: dict, stores) -> dict:
-    """Stages heads and student use the teacher's data split (heads: its network too); the record says so."""
-    if config["stage"] not in ("heads", "student"):
+    """Stages after the teacher use its data split (heads: its network too); the record says so."""
+    if config["stage"] not in ("heads", "hint", "student"):
         return {}
     parent, snapshot = load_teacher(config, stores)
-    if config["stage"] == "student" and config["method"] == "dih":
-        load_heads(config, parent, stores)
+    if config["stage"] == "student" and config["method"] in NEEDS:
+        load_child(config, *NEEDS[config["method"]], parent, stores)
     meta = snapshot["meta"]
     model = meta["model"] if config["stage"] == "heads" else {**config["model"], "arch": config["student_arch"]}
     return {"data": data_ing.inherit_split(config["data"], meta["data"], parent.snapshot.parent / "split.npz"),
@@ -124,7 +142,7 @@ def final_exit_only(num_exits: int) -> ExitCrossEntropy:
 
 def student_objective(method: str, net: StudentWithTeacher, alpha: float, kd_temperature: float,
                       cohort_reduction: str) -> MultiExitLoss:
-    """The student's loss: on its final exit only (DIH's student has no heads)."""
+    """The student's loss: on its final exit only (DIH's student has no heads); FitNets' second phase is KD."""
     if method == "ce":
         return final_exit_only(net.num_exits)
     if method == "at":
@@ -133,36 +151,61 @@ def student_objective(method: str, net: StudentWithTeacher, alpha: float, kd_tem
                               reduction=cohort_reduction)
 
 
+def first_stage_shape(net, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(C, H, W) of what the first stage hands its exit: FitNets' guided layer and hint."""
+    was_training = net.training
+    with torch.no_grad():
+        shape = tuple(net.eval().staged_outputs(torch.zeros(1, *input_shape))[1][0].shape[1:])
+    net.train(was_training)
+    return shape
+
+
+def hint_objective(net: StudentWithTeacher, input_shape: tuple[int, ...]) -> FitNetsHintLoss:
+    """FitNets' first phase: regress the student's first-stage output onto the teacher's (MSE)."""
+    return FitNetsHintLoss(net.taps, first_stage_shape(net.student, input_shape),
+                           first_stage_shape(net.teacher, input_shape))
+
+
+def student_weights(snapshot: dict) -> dict:
+    """The student's part of a hint run's weights (it trained next to its teacher)."""
+    return {k[len("student."):]: v for k, v in snapshot["model"].items() if k.startswith("student.")}
+
+
 @ex.main
 def main(_run, _seed, stage, method, alpha, kd_temperature, cohort_reduction, data, model, optim, train) -> dict:
-    """Stage teacher trains the teacher with CE; heads trains DIH's heads on it, frozen; student distils."""
+    """Teacher: CE; heads: DIH's heads on the frozen teacher; hint: FitNets' first phase; student: distil."""
     device = resolve_device(train["device"])
     bundle = data_ing.build(data, device, _seed)  # later stages: the teacher's split (derived config)
     net = model_ing.build(model, bundle.num_classes, bundle.in_channels, bundle.image_size)
+    meta = {"stage": stage, "model": model, "data": data}
     if stage == "teacher":
-        loss, variant, meta = final_exit_only(net.num_exits), model["arch"], {"stage": "teacher"}
-        return fit_and_record(_run, NAME, net, loss, bundle, optim, train, device, variant=variant,
-                              meta={**meta, "model": model, "data": data})
+        return fit_and_record(_run, NAME, net, final_exit_only(net.num_exits), bundle, optim, train, device,
+                              variant=model["arch"], meta=meta)
     stores = stores_of(_run.observers)
     parent, snapshot = load_teacher(_run.config, stores)
+    meta["parent"] = _run.info["parent"] = parent.record()
     teacher = model_ing.build(snapshot["meta"]["model"], bundle.num_classes, bundle.in_channels, bundle.image_size)
     teacher.load_state_dict(snapshot["model"])
+    pair = f"{snapshot['meta']['model']['arch']} -> {model['arch']}"
     if stage == "heads":
-        net.load_state_dict(snapshot["model"])
-        net = IntermediateHeads(net, bundle.input_shape())
+        net = IntermediateHeads(teacher, bundle.input_shape())
         loss = ExitCrossEntropy(weights=[1.0] * (net.num_exits - 1) + [0.0])  # the frozen final exit: no term
         variant = f"{model['arch']}+heads"
-    else:
-        if method == "dih":
-            heads, heads_snapshot = load_heads(_run.config, parent, stores)
-            teacher = IntermediateHeads(teacher, bundle.input_shape())
-            teacher.load_state_dict(heads_snapshot["model"])
-            _run.info["heads"] = heads.record()
+    elif stage == "hint":
         net = StudentWithTeacher(net, teacher)
-        loss = student_objective(method, net, alpha, kd_temperature, cohort_reduction)
-        variant = f"{method}: {snapshot['meta']['model']['arch']} -> {model['arch']}"
-    _run.info["parent"] = parent.record()
-    meta = {"stage": stage, "parent": parent.record(), "model": model, "data": data}
+        loss, variant = hint_objective(net, bundle.input_shape()), f"hint: {pair}"
+    else:
+        if method in NEEDS:
+            key, needed = NEEDS[method]
+            child, child_snapshot = load_child(_run.config, key, needed, parent, stores)
+            _run.info[needed] = child.record()
+            if method == "dih":
+                teacher = IntermediateHeads(teacher, bundle.input_shape())
+                teacher.load_state_dict(child_snapshot["model"])
+            else:  # FitNets' second phase starts from the hint phase's student
+                net.load_state_dict(student_weights(child_snapshot))
+        net = StudentWithTeacher(net, teacher)
+        loss, variant = student_objective(method, net, alpha, kd_temperature, cohort_reduction), f"{method}: {pair}"
     return fit_and_record(_run, NAME, net.to(device), loss, bundle, optim, train, device, variant=variant, meta=meta)
 
 

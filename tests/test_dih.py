@@ -172,3 +172,22 @@ def test_show_commands_work_without_the_references_a_run_needs(capsys):
     assert "crd_recipe" in capsys.readouterr().out
     dih.ex.run_commandline(["dih.py", "print_config", "with", "stage=student", "--loglevel=ERROR"])
     assert "student_arch = 'resnet8'" in capsys.readouterr().out
+
+
+def test_fitnets_hint_phase_then_kd_from_the_hinted_student(chain):
+    root, teacher, heads = chain
+    hint = run(root, stage="hint", teacher_run=teacher.info["uid"])
+    assert hint.status == "COMPLETED" and hint.info["variant"] == "hint: resnet8 -> resnet8"
+    hinted = torch.load(Path(hint.info["snapshot_dir"]) / "final.pt", weights_only=True)["model"]
+    torch.manual_seed(3)  # the hint run's seed: the student it started from
+    fresh = create_model("resnet8", num_classes=4, in_channels=3, width=4).state_dict()
+    guided, later = "student.blocks.0.0.body.0.weight", "student.blocks.2.0.body.0.weight"
+    assert not torch.equal(hinted[guided], fresh[guided[len("student."):]])  # the guided stage learned the hint
+    assert torch.equal(hinted[later], fresh[later[len("student."):]])  # nothing after it gets a gradient
+    student = run(root, stage="student", method="fitnets", teacher_run=teacher.info["uid"],
+                  hint_run=hint.info["uid"], optim={"lr": 1e-12})  # KD that barely moves: it starts from the hint
+    assert student.info["hint"]["uid"] == hint.info["uid"] and student.info["variant"] == "fitnets: resnet8 -> resnet8"
+    final = torch.load(Path(student.info["snapshot_dir"]) / "final.pt", weights_only=True)["model"]
+    torch.testing.assert_close(final[guided], hinted[guided], atol=1e-6, rtol=0)
+    with pytest.raises(RunReferenceError, match="hint_run is needed"):
+        run(root, stage="student", method="fitnets", teacher_run=teacher.info["uid"])

@@ -18,8 +18,8 @@ import pandas as pd
 RUNTIME_KEYS = ("train.resume", "train.progress", "train.threads", "train.device", "train.latency_batch",
                 "train.snapshot_root", "data.root", "data.workers", "data.download", "data.eval_batch_size")
 # Not part of a recipe: the seeds, references to other runs (their recipe counts instead), sacred's docs.
-NOT_RECIPE_KEYS = RUNTIME_KEYS + ("seed", "data.split_file", "ge_run", "teacher_run", "heads_run", "train_run",
-                                  "backbone_run", "__doc__")
+NOT_RECIPE_KEYS = RUNTIME_KEYS + ("seed", "data.split_file", "ge_run", "teacher_run", "heads_run", "hint_run",
+                                  "assistant_run", "train_run", "backbone_run", "__doc__")
 PARENT_KEY = "parent.recipe"
 NO_DIFFERENCE = "-"
 

@@ -8,7 +8,10 @@ Stages of one experiment, chained by run reference (uid, run id or snapshot path
     python experiments/dih.py with stage=hint fitnets_hint quick teacher_run=<uid>   # FitNets' hint phase, then
     python experiments/dih.py with stage=student quick method=fitnets teacher_run=<uid> hint_run=<uid>
 
-Stage C trains the student (``student_arch``) with ``method``: ce, kd, dih, at or fitnets so far (TAKD, CRD,
+    python experiments/dih.py with stage=student quick method=kd student_arch=resnet14 teacher_run=<uid>  # TAKD's
+    python experiments/dih.py with stage=student quick method=takd teacher_run=<uid> assistant_run=<uid>  # assistant
+
+Stage C trains the student (``student_arch``) with ``method``: ce, kd, dih, at, fitnets or takd so far (CRD,
 TOFD and MHKD are not wired yet). Defaults are the paper's
 CIFAR-100 recipe (ResNet-110 teacher, 200 epochs, batch 64, SGD 0.1 Nesterov, wd 5e-4, x0.2 at 60/120/180),
 with 5k training images held out for validation: the released code selected checkpoints on the test set.
@@ -35,7 +38,7 @@ from models.distill import StudentWithTeacher
 
 NAME = "dih"
 STAGES = ("teacher", "heads", "hint", "student")
-METHODS = ("ce", "kd", "dih", "at", "fitnets")
+METHODS = ("ce", "kd", "dih", "at", "fitnets", "takd")
 
 data_ingredient = data_ing.data_ingredient(name="cifar100", val_size=5000, batch_size=64)
 model_ingredient = model_ing.model_ingredient(arch="resnet110")
@@ -51,8 +54,9 @@ def config():
     teacher_run = None  # stages heads and student: uid, run id or snapshot path of a finished stage=teacher run
     heads_run = None  # stage student, method dih: a finished stage=heads run of that teacher
     hint_run = None  # stage student, method fitnets: a finished stage=hint run (FitNets' first phase) of it
+    assistant_run = None  # stage student, method takd: a finished stage=student method=kd run of it (the assistant)
     student_arch = "resnet8"  # stage student: the student's architecture (its family's model.* knobs apply)
-    method = "dih"  # stage student: ce, kd (teacher's final exit), dih (heads + final exit), at, fitnets (KD)
+    method = "dih"  # stage student: ce, kd (teacher's final exit), dih (heads + final exit), at, fitnets, takd
     alpha = 0.1  # weight of every KD term's KL (its CE gets 1 - alpha)
     kd_temperature = 5.0  # KD temperature tau
     cohort_reduction = "mean"  # dih: mean of the k+1 KD terms (KD's scale) or sum (released: CE counted k+1 times)
@@ -60,7 +64,7 @@ def config():
 
 
 RULES = dict(stage=choice(*STAGES), teacher_run=train_ing.SNAPSHOT_REF, heads_run=train_ing.SNAPSHOT_REF,
-             hint_run=train_ing.SNAPSHOT_REF,
+             hint_run=train_ing.SNAPSHOT_REF, assistant_run=train_ing.SNAPSHOT_REF,
              student_arch=choice(*list_models()), method=choice(*METHODS), alpha=number(min=0, max=1),
              kd_temperature=number(min=0, min_open=True), cohort_reduction=choice(*COHORT_REDUCTIONS))
 register_rules(NAME, merge_rules(data_ing.RULES, model_ing.RULES, optim_ing.RULES, train_ing.RULES, RULES))
@@ -114,11 +118,14 @@ def load_child(config: dict, key: str, stage: str, teacher: ResolvedRun, stores)
     if trained_on != teacher.uid:
         raise RunReferenceError(f"{key} {child.uid} holds {stage} of teacher {trained_on}, not of teacher_run "
                                 f"{teacher.uid}")
+    if key == "assistant_run" and snapshot["meta"].get("method") != "kd":
+        raise RunReferenceError(f"assistant_run {child.uid} was trained with method={snapshot['meta'].get('method')}; "
+                                "TAKD's assistant is a student trained by KD (stage=student method=kd)")
     return child, snapshot
 
 
 # What a student stage needs beyond the teacher: (config key, stage of the run it names), per method.
-NEEDS = {"dih": ("heads_run", "heads"), "fitnets": ("hint_run", "hint")}
+NEEDS = {"dih": ("heads_run", "heads"), "fitnets": ("hint_run", "hint"), "takd": ("assistant_run", "student")}
 
 
 @ex.derive_config
@@ -167,7 +174,7 @@ def hint_objective(net: StudentWithTeacher, input_shape: tuple[int, ...]) -> Fit
 
 
 def student_weights(snapshot: dict) -> dict:
-    """The student's part of a hint run's weights (it trained next to its teacher)."""
+    """The student's part of a hint or student run's weights (it trained next to its teacher)."""
     return {k[len("student."):]: v for k, v in snapshot["model"].items() if k.startswith("student.")}
 
 
@@ -198,12 +205,18 @@ def main(_run, _seed, stage, method, alpha, kd_temperature, cohort_reduction, da
         if method in NEEDS:
             key, needed = NEEDS[method]
             child, child_snapshot = load_child(_run.config, key, needed, parent, stores)
-            _run.info[needed] = child.record()
+            _run.info[key.removesuffix("_run")] = child.record()
             if method == "dih":
                 teacher = IntermediateHeads(teacher, bundle.input_shape())
                 teacher.load_state_dict(child_snapshot["model"])
+            elif method == "takd":  # the assistant, a KD-trained student of the teacher, teaches the student
+                assistant = child_snapshot["meta"]["model"]
+                teacher = model_ing.build(assistant, bundle.num_classes, bundle.in_channels, bundle.image_size)
+                teacher.load_state_dict(student_weights(child_snapshot))
+                pair = f"{pair.split(' -> ')[0]} -> {assistant['arch']} -> {model['arch']}"
             else:  # FitNets' second phase starts from the hint phase's student
                 net.load_state_dict(student_weights(child_snapshot))
+        meta["method"] = method
         net = StudentWithTeacher(net, teacher)
         loss, variant = student_objective(method, net, alpha, kd_temperature, cohort_reduction), f"{method}: {pair}"
     return fit_and_record(_run, NAME, net.to(device), loss, bundle, optim, train, device, variant=variant, meta=meta)

@@ -191,3 +191,16 @@ def test_fitnets_hint_phase_then_kd_from_the_hinted_student(chain):
     torch.testing.assert_close(final[guided], hinted[guided], atol=1e-6, rtol=0)
     with pytest.raises(RunReferenceError, match="hint_run is needed"):
         run(root, stage="student", method="fitnets", teacher_run=teacher.info["uid"])
+
+
+def test_takd_distils_through_a_kd_trained_assistant(chain):
+    root, teacher, heads = chain
+    assistant = run(root, stage="student", method="kd", student_arch="resnet14", teacher_run=teacher.info["uid"])
+    student = run(root, stage="student", method="takd", teacher_run=teacher.info["uid"],
+                  assistant_run=assistant.info["uid"])
+    assert student.status == "COMPLETED" and student.info["variant"] == "takd: resnet8 -> resnet14 -> resnet8"
+    assert student.info["assistant"]["uid"] == assistant.info["uid"]
+    dih_student = run(root, stage="student", method="dih", teacher_run=teacher.info["uid"], heads_run=heads.info["uid"])
+    with pytest.raises(RunReferenceError, match="was trained with method=dih; TAKD's assistant is a student"):
+        run(root, stage="student", method="takd", teacher_run=teacher.info["uid"],
+            assistant_run=dih_student.info["uid"])

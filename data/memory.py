@@ -58,6 +58,7 @@ class TensorLoader(SeededLoader):
             raise ValueError("a loader needs at least one image")
         self.pad = int(pad)
         self.flip = bool(flip)
+        self.batch_indices: torch.Tensor | None = None  # image indices of the last batch (CRD's memory bank)
 
     @property
     def dataset_size(self) -> int:
@@ -97,6 +98,7 @@ class TensorLoader(SeededLoader):
             if flips is not None:
                 x = hflip(x, flips[part])
             self._order.batch_done()
+            self.batch_indices = idx
             yield x, y
         self._order.end_epoch()
 

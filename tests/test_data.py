@@ -546,3 +546,13 @@ def test_imagenet_layout_maps_val_class_folders_to_train_indices(tmp_path):
     _png(tmp_path / "val" / "n99" / "c.png", COLOURS[0])
     with pytest.raises(ValueError, match="no counterpart under train/"):
         data.build_data("imagenet", root=str(tmp_path), val_size=0)
+
+
+def test_tensor_loader_says_which_images_each_batch_holds():
+    from data import TensorLoader
+
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    loader = TensorLoader(images, torch.arange(10), [0.0], [1.0], 4, indices=[1, 3, 5, 7, 9], shuffle=True, seed=2)
+    for x, y in loader:
+        assert torch.equal(loader.batch_indices, y)  # labels are the image indices here
+        assert torch.allclose(x[:, 0, 0, 0] * 255, loader.batch_indices.float())  # pixels /255

@@ -87,3 +87,27 @@ def test_selection_is_by_the_mean_over_exits_not_the_last_exit(tmp_path, monkeyp
                       snapshot_dir=tmp_path, select=config(phuong.ex)["train"]["select"], progress=False)
     trainer.fit(2)
     assert trainer.restore_selected() == 1
+
+
+def test_released_selection_keeps_the_epoch_with_the_lowest_test_loss(tmp_path, monkeypatch):
+    """DIH's released code chose checkpoints by the lowest test loss: a recorded switch, never the default."""
+    from experiments import dih
+
+    losses = {1: 0.9, 2: 0.4, 3: 0.7}
+
+    def evaluate(self, loader, prefix):
+        return {f"{prefix}.acc.mean": 0.5, f"{prefix}.loss": losses[self.epoch] if prefix == "test" else 1.0}
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=2, width=4)
+    batch = (torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = build_lr_scheduler({"schedule": "constant", "milestones": [], "gamma": 0.1, "warmup_epochs": 0},
+                                   optimizer, 3, 1)
+    select = config(dih.ex, "released_selection", stage="teacher")["train"]["select"]
+    trainer = Trainer(model, ExitCrossEntropy(), optimizer, scheduler, [batch], [batch], torch.device("cpu"),
+                      snapshot_dir=tmp_path, select=select, progress=False, test_loader=[batch])
+    trainer.fit(3)
+    assert trainer.restore_selected() == 2
+    assert config(dih.ex, stage="teacher")["train"]["select"] == "best_val"

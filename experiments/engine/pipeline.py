@@ -53,6 +53,14 @@ def set_threads(threads: int | None) -> int:
     return threads
 
 
+def selection(select: str, data: DataBundle) -> str:
+    """``best_val`` falls back to the last weights without a validation split; selecting on test says so."""
+    if select == "lowest_test_loss":
+        print("selecting checkpoints on the TEST set (lowest test loss), as the released code did: "
+              "the test accuracies of this run are optimistic", flush=True)
+    return "last" if select == "best_val" and data.val is None else select
+
+
 def fit_and_record(
     run: Any,
     experiment: str,
@@ -93,7 +101,7 @@ def fit_and_record(
     trainer = Trainer(
         model, loss_fn, optimizer, scheduler, data.train, data.val, device, amp=train["amp"],
         channels_last=train["channels_last"], run=run, snapshot_dir=folder,
-        select=train["select"] if data.val is not None else "last", meta=meta, progress=train["progress"],
+        select=selection(train["select"], data), meta=meta, progress=train["progress"], test_loader=data.test,
     )
     if resumed is not None:
         trainer.resume(resumed.snapshot)

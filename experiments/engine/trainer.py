@@ -27,7 +27,7 @@ from experiments.engine.hardware import autocast, grad_scaler, to_memory_format
 from losses.base import MultiExitLoss
 from models.multiexit import MultiExitNetwork
 
-SELECT_MODES = ("best_val", "last")
+SELECT_MODES = ("best_val", "last", "lowest_test_loss")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -89,7 +89,8 @@ class Trainer:
         run: the sacred ``_run`` (or None) that receives ``log_scalar`` calls.
         snapshot_dir: folder for ``last.pt`` (every epoch) and ``best.pt`` (on improvement).
         select: 'best_val' keeps the weights with the best mean-over-exits validation top-1;
-            'last' keeps the final weights.
+            'last' keeps the final weights; 'lowest_test_loss' keeps those with the lowest summed test CE,
+            evaluated every epoch on ``test_loader`` (only to reproduce released code that did so: DIH's).
         meta: plain data stored in every snapshot (model config, split, ...) so a later stage can
             rebuild the network without the original run.
         progress: a bar per epoch, shown only when the process started on a terminal (``engine.console``).
@@ -111,11 +112,14 @@ class Trainer:
         select: str = "best_val",
         meta: dict | None = None,
         progress: bool = True,
+        test_loader: Iterable | None = None,
     ):
         if select not in SELECT_MODES:
             raise ValueError(f"select must be one of {SELECT_MODES}, got {select!r}")
         if select == "best_val" and val_loader is None:
             raise ValueError("select='best_val' needs a validation split (data.val_size > 0); or use select='last'")
+        if select == "lowest_test_loss" and test_loader is None:
+            raise ValueError("select='lowest_test_loss' needs the test loader")
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device=device, memory_format=memory_format)
         self.loss_fn = loss_fn.to(device)
@@ -123,6 +127,7 @@ class Trainer:
         self.scheduler = scheduler
         self.train_loader = train_loader
         self.val_loader = val_loader
+        self.test_loader = test_loader
         self.device = device
         self.amp = amp
         self.channels_last = channels_last
@@ -185,7 +190,7 @@ class Trainer:
         """
         path = Path(path)
         self.load_state_dict(load_snapshot(path, map_location=self.device))
-        if self.select == "best_val" and self.snapshot_dir is not None and self.best_epoch >= 1:
+        if self.select != "last" and self.snapshot_dir is not None and self.best_epoch >= 1:
             self._adopt_best(path.parent / "best.pt", self.snapshot_dir / "best.pt")
 
     def _adopt_best(self, theirs: Path, mine: Path) -> None:
@@ -324,6 +329,8 @@ class Trainer:
         self.epoch += 1
         if self.val_loader is not None:
             metrics.update(self.evaluate(self.val_loader, "val"))
+        if self.select == "lowest_test_loss":
+            metrics.update(self.evaluate(self.test_loader, "test"))
         self._log(metrics, self.epoch)
         self._checkpoint(metrics)
         return EpochResult(self.epoch, metrics)
@@ -342,13 +349,13 @@ class Trainer:
     def _checkpoint(self, metrics: dict[str, float]) -> None:
         """``best.pt`` before ``last.pt``: a kill between the two leaves a ``best.pt`` one epoch ahead of
         ``last.pt``, which ``resume`` ignores because that epoch is trained again and rewrites it."""
-        score = metrics.get("val.acc.mean", -math.inf)
+        score = -metrics["test.loss"] if self.select == "lowest_test_loss" else metrics.get("val.acc.mean", -math.inf)
         improved = score > self.best_score
         if improved:
             self.best_score, self.best_epoch = score, self.epoch
         if self.snapshot_dir is None:
             return
-        if improved and self.select == "best_val":
+        if improved and self.select != "last":
             self.save_weights(self.snapshot_dir / "best.pt")
         save_atomic(self.state_dict(), self.snapshot_dir / "last.pt")
 
@@ -371,7 +378,7 @@ class Trainer:
         best = load_snapshot(path, self.device) if path and path.is_file() else None
         if best is None or best["epoch"] != self.best_epoch:
             found = f"{path} holds epoch {best['epoch']}" if best else f"there is no {path or 'snapshot_dir'}"
-            raise RuntimeError(f"select='best_val' chose epoch {self.best_epoch}, but {found}; "
+            raise RuntimeError(f"select={self.select!r} chose epoch {self.best_epoch}, but {found}; "
                                "its weights are lost: train again, or use select='last'")
         self.model.load_state_dict(best["model"])
         return self.best_epoch

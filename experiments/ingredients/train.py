@@ -14,7 +14,7 @@ def train_config():
     device = "auto"  # auto (CUDA when available), cpu, cuda, cuda:1, ...
     amp = "off"  # mixed precision: off, bf16 or fp16 (fp16 on CUDA only)
     channels_last = False  # NHWC memory format (faster convolutions with bf16/fp16)
-    select = "best_val"  # keep the best mean-over-exits validation top-1 (best_val) or the last weights
+    select = "best_val"  # best mean-over-exits validation top-1 (best_val), last, or lowest_test_loss (released DIH)
     snapshot_root = "snapshots"  # snapshots go to <snapshot_root>/<experiment>/<run id>/{last,best}.pt
     resume = None  # a last.pt (or its run folder) of an interrupted run to continue from
     latency_batch = 64  # batch size of the per-exit latency measurement (0: skip)

@@ -11,8 +11,8 @@ Stages of one experiment, chained by run reference (uid, run id or snapshot path
     python experiments/dih.py with stage=student quick method=kd student_arch=resnet14 teacher_run=<uid>  # TAKD's
     python experiments/dih.py with stage=student quick method=takd teacher_run=<uid> assistant_run=<uid>  # assistant
 
-Stage C trains the student (``student_arch``) with ``method``: ce, kd, dih, at, fitnets or takd so far (CRD,
-TOFD and MHKD are not wired yet). Defaults are the paper's
+Stage C trains the student (``student_arch``) with ``method``: ce, kd, dih, at, fitnets, takd or mhkd so far
+(CRD and TOFD are not wired yet). Defaults are the paper's
 CIFAR-100 recipe (ResNet-110 teacher, 200 epochs, batch 64, SGD 0.1 Nesterov, wd 5e-4, x0.2 at 60/120/180),
 with 5k training images held out for validation: the released code selected checkpoints on the test set.
 """
@@ -31,14 +31,14 @@ from experiments.references import ResolvedRun, RunReferenceError, load_parent, 
 from experiments.tracking import run_cli
 from experiments.validation import choice, merge_rules, number, register_rules
 from losses import (COHORT_REDUCTIONS, AttentionTransferLoss, CohortDistillation, ExitCrossEntropy, FitNetsHintLoss,
-                    MultiExitLoss)
+                    MHKDLoss, MultiExitLoss)
 from models import list_models
 from models.dih import IntermediateHeads
 from models.distill import StudentWithTeacher
 
 NAME = "dih"
 STAGES = ("teacher", "heads", "hint", "student")
-METHODS = ("ce", "kd", "dih", "at", "fitnets", "takd")
+METHODS = ("ce", "kd", "dih", "at", "fitnets", "takd", "mhkd")
 
 data_ingredient = data_ing.data_ingredient(name="cifar100", val_size=5000, batch_size=64)
 model_ingredient = model_ing.model_ingredient(arch="resnet110")
@@ -56,7 +56,7 @@ def config():
     hint_run = None  # stage student, method fitnets: a finished stage=hint run (FitNets' first phase) of it
     assistant_run = None  # stage student, method takd: a finished stage=student method=kd run of it (the assistant)
     student_arch = "resnet8"  # stage student: the student's architecture (its family's model.* knobs apply)
-    method = "dih"  # stage student: ce, kd (teacher's final exit), dih (heads + final exit), at, fitnets, takd
+    method = "dih"  # stage student: ce, kd (teacher's final exit), dih (heads + final exit), at, fitnets, takd, mhkd
     alpha = 0.1  # weight of every KD term's KL (its CE gets 1 - alpha)
     kd_temperature = 5.0  # KD temperature tau
     cohort_reduction = "mean"  # dih: mean of the k+1 KD terms (KD's scale) or sum (released: CE counted k+1 times)
@@ -155,29 +155,33 @@ def final_exit_only(num_exits: int) -> ExitCrossEntropy:
 
 
 def student_objective(method: str, net: StudentWithTeacher, alpha: float, kd_temperature: float,
-                      cohort_reduction: str) -> MultiExitLoss:
-    """The student's loss: on its final exit only (DIH's student has no heads); FitNets' second phase is KD."""
+                      cohort_reduction: str, input_shape: tuple[int, ...]) -> MultiExitLoss:
+    """The student's loss: on its final exit (DIH's student has no heads; MHKD's heads live in its loss);
+    FitNets' second phase and TAKD are KD."""
     if method == "ce":
         return final_exit_only(net.num_exits)
     if method == "at":
         return AttentionTransferLoss(net.taps)  # RepDistiller's AT: CE + 1000 x attention distance, every stage
+    if method == "mhkd":
+        channels = [[shape[0] for shape in stage_shapes(n, input_shape)] for n in (net.student, net.teacher)]
+        return MHKDLoss(net.taps, *channels, num_classes=net.num_classes, alpha=alpha, temperature=kd_temperature)
     return CohortDistillation(net.taps, alpha, kd_temperature, cohort="all" if method == "dih" else "final",
                               reduction=cohort_reduction)
 
 
-def first_stage_shape(net, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """(C, H, W) of what the first stage hands its exit: FitNets' guided layer and hint."""
+def stage_shapes(net, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """(C, H, W) of what every stage hands its exit: where feature-based methods read."""
     was_training = net.training
     with torch.no_grad():
-        shape = tuple(net.eval().staged_outputs(torch.zeros(1, *input_shape))[1][0].shape[1:])
+        shapes = [tuple(f.shape[1:]) for f in net.eval().staged_outputs(torch.zeros(1, *input_shape))[1]]
     net.train(was_training)
-    return shape
+    return shapes
 
 
 def hint_objective(net: StudentWithTeacher, input_shape: tuple[int, ...]) -> FitNetsHintLoss:
     """FitNets' first phase: regress the student's first-stage output onto the teacher's (MSE)."""
-    return FitNetsHintLoss(net.taps, first_stage_shape(net.student, input_shape),
-                           first_stage_shape(net.teacher, input_shape))
+    return FitNetsHintLoss(net.taps, stage_shapes(net.student, input_shape)[0],
+                           stage_shapes(net.teacher, input_shape)[0])
 
 
 def student_weights(snapshot: dict) -> dict:
@@ -225,7 +229,8 @@ def main(_run, _seed, stage, method, alpha, kd_temperature, cohort_reduction, da
                 net.load_state_dict(student_weights(child_snapshot))
         meta["method"] = method
         net = StudentWithTeacher(net, teacher)
-        loss, variant = student_objective(method, net, alpha, kd_temperature, cohort_reduction), f"{method}: {pair}"
+        loss = student_objective(method, net, alpha, kd_temperature, cohort_reduction, bundle.input_shape())
+        variant = f"{method}: {pair}"
     return fit_and_record(_run, NAME, net.to(device), loss, bundle, optim, train, device, variant=variant, meta=meta)
 
 

@@ -4,9 +4,11 @@ from losses.base import MultiExitLoss
 from losses.cohort import COHORT_REDUCTIONS, CohortDistillation
 from losses.exits import ExitCrossEntropy
 from losses.fitnets import FitNetsHintLoss
-from losses.kd import KL_REDUCTIONS, kd_kl, soft_cross_entropy
+from losses.kd import KL_REDUCTIONS, kd_kl, kd_term, soft_cross_entropy
+from losses.mhkd import MHKDLoss, mhkd_head
 from losses.ofa import OneForAllLoss
 from losses.phuong import PhuongDistillationLoss
 
 __all__ = ["COHORT_REDUCTIONS", "KL_REDUCTIONS", "AttentionTransferLoss", "CohortDistillation", "ExitCrossEntropy",
-           "FitNetsHintLoss", "MultiExitLoss", "OneForAllLoss", "PhuongDistillationLoss", "kd_kl", "soft_cross_entropy"]
+           "FitNetsHintLoss", "MHKDLoss", "MultiExitLoss", "OneForAllLoss", "PhuongDistillationLoss", "kd_kl", "kd_term",
+           "mhkd_head", "soft_cross_entropy"]

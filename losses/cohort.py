@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from losses.base import MultiExitLoss
-from losses.kd import kd_kl
+from losses.kd import kd_term
 from losses.taps import Taps
 
 COHORT_REDUCTIONS = ("mean", "sum")
@@ -38,7 +37,6 @@ class CohortDistillation(MultiExitLoss):
         student = outputs[-1]
         teachers = self.taps().teacher_logits
         teachers = teachers if self.cohort == "all" else teachers[-1:]
-        ce = F.cross_entropy(student, targets)
-        terms = [(1 - self.alpha) * ce + self.alpha * kd_kl(student, t, self.temperature) for t in teachers]
+        terms = [kd_term(student, t, targets, self.alpha, self.temperature) for t in teachers]
         total = sum(terms)
         return total / len(terms) if self.reduction == "mean" else total

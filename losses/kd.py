@@ -33,3 +33,10 @@ def kd_kl(
     kl_sum = F.kl_div(log_p, log_q, reduction="sum", log_target=True)
     denominator = student_logits.numel() if reduction == "mean" else student_logits.shape[0]
     return temperature**2 * kl_sum / denominator
+
+
+def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+            alpha: float, temperature: float) -> torch.Tensor:
+    """DIH's KD: (1 - alpha) CE(z_s, y) + alpha T^2 KL(softmax(z_t/T) || softmax(z_s/T)), the teacher detached."""
+    ce = F.cross_entropy(student_logits, targets)
+    return (1 - alpha) * ce + alpha * kd_kl(student_logits, teacher_logits, temperature)

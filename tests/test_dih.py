@@ -132,7 +132,7 @@ def test_kd_and_the_dih_cohort_by_hand():
     assert hot(student, y).item() == pytest.approx(4 * float((q * (q / 0.5).log()).sum()), rel=1e-6)
 
 
-@pytest.mark.parametrize("method", ["ce", "kd", "dih", "at"])
+@pytest.mark.parametrize("method", ["ce", "kd", "dih", "at", "mhkd"])
 def test_every_method_fits_a_tiny_batch_and_never_moves_the_teacher(method):
     from experiments.dih import student_objective
     from models.distill import StudentWithTeacher
@@ -141,9 +141,10 @@ def test_every_method_fits_a_tiny_batch_and_never_moves_the_teacher(method):
     teacher = IntermediateHeads(create_model("resnet8", num_classes=3, width=4), (3, 8, 8))
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     net = StudentWithTeacher(create_model("resnet8", num_classes=3, width=4), teacher).train()
-    loss_fn = student_objective(method, net, alpha=0.1, kd_temperature=5.0, cohort_reduction="mean")
+    loss_fn = student_objective(method, net, alpha=0.1, kd_temperature=5.0, cohort_reduction="mean",
+                                input_shape=(3, 8, 8))
     x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD([*net.parameters(), *loss_fn.parameters()], lr=0.1, momentum=0.9)
     for _ in range(60):
         optimizer.zero_grad()
         loss_fn(net(x), y).backward()
@@ -156,7 +157,7 @@ def test_every_method_fits_a_tiny_batch_and_never_moves_the_teacher(method):
 def test_the_student_stage_chains_teacher_and_heads_and_refuses_heads_of_another_teacher(chain):
     root, teacher, heads = chain
     runs = {m: run(root, stage="student", method=m, teacher_run=teacher.info["uid"], heads_run=heads.info["uid"])
-            for m in ("kd", "dih")}
+            for m in ("ce", "kd", "dih", "at", "mhkd")}
     for method, r in runs.items():
         assert r.status == "COMPLETED" and r.info["variant"] == f"{method}: resnet8 -> resnet8"
         assert (Path(r.info["snapshot_dir"]) / "exit_record.npz").is_file()

@@ -67,6 +67,18 @@ def test_data_regimes():
     assert reference["model"] == anytime["model"]
 
 
+def tiny_trainer(folder, select: str, epochs: int, **kwargs) -> Trainer:
+    """A ResNet-8 on one fixed batch (train, validation and test alike); validation is patched by the tests."""
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=2, width=4)
+    batch = (torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = build_lr_scheduler({"schedule": "constant", "milestones": [], "gamma": 0.1, "warmup_epochs": 0},
+                                   optimizer, epochs, 1)
+    return Trainer(model, ExitCrossEntropy(), optimizer, scheduler, [batch], [batch], torch.device("cpu"),
+                   snapshot_dir=folder, select=select, progress=False, **kwargs)
+
+
 def test_selection_is_by_the_mean_over_exits_not_the_last_exit(tmp_path, monkeypatch):
     """Epoch 1 has the best mean over exits, epoch 2 the best last exit: best_val keeps epoch 1."""
     per_epoch = {1: [0.9, 0.3], 2: [0.1, 0.8]}
@@ -77,14 +89,7 @@ def test_selection_is_by_the_mean_over_exits_not_the_last_exit(tmp_path, monkeyp
                 f"{prefix}.acc.mean": sum(accs) / len(accs)}
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
-    torch.manual_seed(0)
-    model = create_model("resnet8", num_classes=2, width=4)
-    batch = (torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = build_lr_scheduler({"schedule": "constant", "milestones": [], "gamma": 0.1, "warmup_epochs": 0},
-                                   optimizer, 2, 1)
-    trainer = Trainer(model, ExitCrossEntropy(), optimizer, scheduler, [batch], [batch], torch.device("cpu"),
-                      snapshot_dir=tmp_path, select=config(phuong.ex)["train"]["select"], progress=False)
+    trainer = tiny_trainer(tmp_path, config(phuong.ex)["train"]["select"], 2)
     trainer.fit(2)
     assert trainer.restore_selected() == 1
 
@@ -99,15 +104,8 @@ def test_released_selection_keeps_the_epoch_with_the_lowest_test_loss(tmp_path, 
         return {f"{prefix}.acc.mean": 0.5, f"{prefix}.loss": losses[self.epoch] if prefix == "test" else 1.0}
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
-    torch.manual_seed(0)
-    model = create_model("resnet8", num_classes=2, width=4)
-    batch = (torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = build_lr_scheduler({"schedule": "constant", "milestones": [], "gamma": 0.1, "warmup_epochs": 0},
-                                   optimizer, 3, 1)
     select = config(dih.ex, "released_selection", stage="teacher")["train"]["select"]
-    trainer = Trainer(model, ExitCrossEntropy(), optimizer, scheduler, [batch], [batch], torch.device("cpu"),
-                      snapshot_dir=tmp_path, select=select, progress=False, test_loader=[batch])
+    trainer = tiny_trainer(tmp_path, select, 3, test_loader=[(torch.zeros(1, 3, 8, 8), torch.tensor([0]))])
     trainer.fit(3)
     assert trainer.restore_selected() == 2
     assert config(dih.ex, stage="teacher")["train"]["select"] == "best_val"

@@ -11,8 +11,8 @@ Stages of one experiment, chained by run reference (uid, run id or snapshot path
     python experiments/dih.py with stage=student quick method=kd student_arch=resnet14 teacher_run=<uid>  # TAKD's
     python experiments/dih.py with stage=student quick method=takd teacher_run=<uid> assistant_run=<uid>  # assistant
 
-Stage C trains the student (``student_arch``) with ``method``: ce, kd, dih, at, fitnets, takd or mhkd so far
-(CRD and TOFD are not wired yet). Defaults are the paper's
+Stage C trains the student (``student_arch``) with ``method``: ce, kd, dih, at, fitnets, takd, mhkd or crd
+(TOFD is not wired yet). Defaults are the paper's
 CIFAR-100 recipe (ResNet-110 teacher, 200 epochs, batch 64, SGD 0.1 Nesterov, wd 5e-4, x0.2 at 60/120/180),
 with 5k training images held out for validation: the released code selected checkpoints on the test set.
 """
@@ -31,14 +31,14 @@ from experiments.references import ResolvedRun, RunReferenceError, load_parent, 
 from experiments.tracking import run_cli
 from experiments.validation import choice, merge_rules, number, register_rules
 from losses import (COHORT_REDUCTIONS, AttentionTransferLoss, CohortDistillation, ExitCrossEntropy, FitNetsHintLoss,
-                    MHKDLoss, MultiExitLoss)
+                    CRDLoss, MHKDLoss, MultiExitLoss)
 from models import list_models
 from models.dih import IntermediateHeads
 from models.distill import StudentWithTeacher
 
 NAME = "dih"
 STAGES = ("teacher", "heads", "hint", "student")
-METHODS = ("ce", "kd", "dih", "at", "fitnets", "takd", "mhkd")
+METHODS = ("ce", "kd", "dih", "at", "fitnets", "takd", "mhkd", "crd")
 
 data_ingredient = data_ing.data_ingredient(name="cifar100", val_size=5000, batch_size=64)
 model_ingredient = model_ing.model_ingredient(arch="resnet110")
@@ -56,7 +56,7 @@ def config():
     hint_run = None  # stage student, method fitnets: a finished stage=hint run (FitNets' first phase) of it
     assistant_run = None  # stage student, method takd: a finished stage=student method=kd run of it (the assistant)
     student_arch = "resnet8"  # stage student: the student's architecture (its family's model.* knobs apply)
-    method = "dih"  # stage student: ce, kd (teacher's final exit), dih (heads + final exit), at, fitnets, takd, mhkd
+    method = "dih"  # stage student: ce, kd (teacher's final exit), dih (heads + final exit), at, fitnets, takd, mhkd, crd
     alpha = 0.1  # weight of every KD term's KL (its CE gets 1 - alpha)
     kd_temperature = 5.0  # KD temperature tau
     cohort_reduction = "mean"  # dih: mean of the k+1 KD terms (KD's scale) or sum (released: CE counted k+1 times)
@@ -154,6 +154,26 @@ def final_exit_only(num_exits: int) -> ExitCrossEntropy:
     return ExitCrossEntropy(weights=[0.0] * (num_exits - 1) + [1.0])
 
 
+def embedding_width(net, input_shape: tuple[int, ...]) -> int:
+    """Length of the vector the final exit classifies (CRD's embedding input)."""
+    was_training = net.training
+    with torch.no_grad():
+        width = net.eval().staged_outputs(torch.zeros(1, *input_shape))[2].shape[1]
+    net.train(was_training)
+    return width
+
+
+def crd_objective(net: StudentWithTeacher, bundle) -> CRDLoss:
+    """CRD with its memory bank over the training images (in-memory datasets: their loader names each batch)."""
+    loader = bundle.train
+    if not hasattr(loader, "batch_indices"):
+        raise ValueError("method=crd needs an in-memory dataset (its loader names the images of each batch)")
+    shape = bundle.input_shape()
+    return CRDLoss(net.taps, lambda: loader.batch_indices, num_data=len(loader.images),
+                   student_dim=embedding_width(net.student, shape), teacher_dim=embedding_width(net.teacher, shape),
+                   pool=loader.indices, labels=loader.labels)
+
+
 def student_objective(method: str, net: StudentWithTeacher, alpha: float, kd_temperature: float,
                       cohort_reduction: str, input_shape: tuple[int, ...]) -> MultiExitLoss:
     """The student's loss: on its final exit (DIH's student has no heads; MHKD's heads live in its loss);
@@ -229,7 +249,8 @@ def main(_run, _seed, stage, method, alpha, kd_temperature, cohort_reduction, da
                 net.load_state_dict(student_weights(child_snapshot))
         meta["method"] = method
         net = StudentWithTeacher(net, teacher)
-        loss = student_objective(method, net, alpha, kd_temperature, cohort_reduction, bundle.input_shape())
+        loss = (crd_objective(net, bundle) if method == "crd" else
+                student_objective(method, net, alpha, kd_temperature, cohort_reduction, bundle.input_shape()))
         variant = f"{method}: {pair}"
     return fit_and_record(_run, NAME, net.to(device), loss, bundle, optim, train, device, variant=variant, meta=meta)
 

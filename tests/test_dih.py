@@ -157,7 +157,7 @@ def test_every_method_fits_a_tiny_batch_and_never_moves_the_teacher(method):
 def test_the_student_stage_chains_teacher_and_heads_and_refuses_heads_of_another_teacher(chain):
     root, teacher, heads = chain
     runs = {m: run(root, stage="student", method=m, teacher_run=teacher.info["uid"], heads_run=heads.info["uid"])
-            for m in ("ce", "kd", "dih", "at", "mhkd")}
+            for m in ("ce", "kd", "dih", "at", "mhkd", "crd")}
     for method, r in runs.items():
         assert r.status == "COMPLETED" and r.info["variant"] == f"{method}: resnet8 -> resnet8"
         assert (Path(r.info["snapshot_dir"]) / "exit_record.npz").is_file()

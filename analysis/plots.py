@@ -62,11 +62,35 @@ def plot_budgeted(budgeted: pd.DataFrame, path: str | Path | None = None, group_
     return _finish(fig, ax, title, path)
 
 
+def plot_final_exit(anytime: pd.DataFrame, path: str | Path | None = None, group_by: Sequence[str] = DEFAULT_GROUP,
+                    title: str = "Final exit (test)") -> Figure:
+    """Test top-1 of each group's last exit as a bar with a ±std error bar: methods that train one network
+    (a distilled student, a teacher) compare here."""
+    last = anytime.loc[anytime.groupby(list(group_by), sort=True, dropna=False)["exit"].idxmax()]
+    fig = Figure(figsize=(6.4, 1.2 + 0.45 * len(last)), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    labels = [f"{group_label(tuple(row[list(group_by)]), group_by)} (n={int(row['n_runs'])})" for _, row in last.iterrows()]
+    ax.barh(labels, 100 * last["test_acc_mean"], xerr=100 * last["test_acc_std"].fillna(0.0), color="tab:blue",
+            alpha=0.7, capsize=3)
+    low = 100 * (last["test_acc_mean"] - last["test_acc_std"].fillna(0.0)).min()
+    ax.set_xlim(max(0.0, low - 2), 100 * (last["test_acc_mean"] + last["test_acc_std"].fillna(0.0)).max() + 1)
+    ax.set_xlabel("top-1 accuracy of the last exit (%)")
+    ax.set_title(title)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    return fig
+
+
 def plot_curves(curves, out_dir: str | Path) -> list[Path]:
-    """Write ``anytime.png`` and ``budgeted.png`` of a :class:`analysis.curves.Curves` into ``out_dir``."""
+    """Write ``anytime.png``, ``budgeted.png`` and ``final.png`` of a :class:`analysis.curves.Curves` into ``out_dir``."""
     out_dir = Path(out_dir)
-    paths = [out_dir / "anytime.png", out_dir / "budgeted.png"]
+    paths = [out_dir / "anytime.png", out_dir / "budgeted.png", out_dir / "final.png"]
     plot_anytime(curves.anytime, paths[0], curves.group_by)
     plot_budgeted(curves.budgeted, paths[1], curves.group_by)
+    plot_final_exit(curves.anytime, paths[2], curves.group_by)
     return paths
 

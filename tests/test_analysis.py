@@ -457,3 +457,15 @@ def test_load_runs_mongodb(mongo_url):
 
     assert main(["table", source, "--experiment", "trivial_exits"]) == 0
     assert main(["runs", source, "--where", "seed=6"]) == 0
+
+
+def test_final_exit_figure_shows_each_groups_last_exit():
+    from analysis.plots import plot_final_exit
+
+    anytime = pd.DataFrame({
+        "experiment": ["e"] * 5, "variant": ["a", "a", "b", "b", "b"], "exit": [1, 2, 1, 2, 3],
+        "n_runs": [3] * 5, "test_acc_mean": [0.5, 0.8, 0.4, 0.6, 0.7], "test_acc_std": [0.1, 0.02, 0.1, 0.1, 0.03],
+    })
+    fig = plot_final_exit(anytime, group_by=("experiment", "variant"))
+    widths = sorted(round(bar.get_width(), 6) for bar in fig.axes[0].patches)
+    assert widths == [70.0, 80.0]  # exit 2 of 'a', exit 3 of 'b'

@@ -157,7 +157,7 @@ def test_analysis_cli_draws_curves_from_both_variants(two_runs, tmp_path, capsys
     assert main(["curves", str(two_runs["runs"]), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "2 runs with exit records" in printed
-    for name in ("anytime.csv", "budgeted.csv", "anytime.png", "budgeted.png"):
+    for name in ("anytime.csv", "budgeted.csv", "anytime.png", "budgeted.png", "final.png"):
         assert (out / name).stat().st_size > 0, name
     anytime = pd.read_csv(out / "anytime.csv")
     assert set(anytime["variant"]) == {"distillation", "ce"}

@@ -109,3 +109,18 @@ def test_released_selection_keeps_the_epoch_with_the_lowest_test_loss(tmp_path, 
     trainer.fit(3)
     assert trainer.restore_selected() == 2
     assert config(dih.ex, stage="teacher")["train"]["select"] == "best_val"
+
+
+def test_dih_recipes():
+    from experiments import dih
+
+    paper = config(dih.ex, stage="teacher")
+    assert (paper["train"]["epochs"], paper["data"]["batch_size"]) == (200, 64)
+    assert {k: paper["optim"][k] for k in ("lr", "momentum", "nesterov", "weight_decay", "milestones", "gamma")} == {
+        "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "milestones": [60, 120, 180], "gamma": 0.2}
+    assert (paper["alpha"], paper["kd_temperature"], paper["cohort_reduction"]) == (0.1, 5.0, "mean")
+    assert (paper["model"]["arch"], paper["student_arch"], paper["data"]["val_size"]) == ("resnet110", "resnet8", 5000)
+    crd = config(dih.ex, "crd_recipe", stage="teacher")
+    assert (crd["train"]["epochs"], crd["data"]["batch_size"], crd["optim"]["lr"]) == (240, 128, 0.05)
+    assert (crd["optim"]["milestones"], crd["optim"]["gamma"]) == ([150, 180, 210], 0.1)
+    assert lr_drops(paper["optim"], 200) == [60, 120, 180]

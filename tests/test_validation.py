@@ -63,7 +63,7 @@ BAD = [
                                       "'cuda:N', 'mps'"),
     ("md", {"train.device": "cuda:x"}, "invalid train.device='cuda:x'"),
     ("md", {"train.amp": "fp8"}, "invalid train.amp='fp8': expected one of 'off', 'bf16', 'fp16'"),
-    ("imta", {"train.select": "best"}, "expected one of 'best_val', 'last' (did you mean 'best_val'?)"),
+    ("imta", {"train.select": "best"}, "expected one of 'best_val', 'last', 'lowest_test_loss' (did you mean 'best_val'?)"),
     ("md", {"train.threads": 0}, "invalid train.threads=0: expected None or an integer >= 1"),
     ("md", {"train.resume": ""}, "invalid train.resume='': expected None or a non-empty string or an integer >= 1"),
     ("imta", {"train.channels_last": 1}, "invalid train.channels_last=1: expected True or False"),

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from losses.base import MultiExitLoss
+from losses.base import EpochMeans, MultiExitLoss
 from losses.kd import kd_kl
 from losses.taps import Taps
 
@@ -72,9 +72,7 @@ class AttentionTransferLoss(MultiExitLoss):
                 raise ValueError(f"pairs must be non-empty, of non-negative (student, teacher) stages; got {pairs}")
         self.taps, self.beta, self.p, self.pairs = taps, beta, p, pairs
         self.alpha_kd, self.temperature = alpha_kd, temperature
-        # Summed on the device, read once per epoch: no host sync per step. Not part of the training state.
-        self.register_buffer("at_sum", torch.zeros(()), persistent=False)
-        self.at_seen = 0
+        self.epoch_means = EpochMeans("at")
 
     def stage_pairs(self, taps: Taps) -> tuple[tuple[int, int], ...]:
         """The configured pairs, checked against this batch's stages, or j <-> j for the common stages."""
@@ -92,16 +90,9 @@ class AttentionTransferLoss(MultiExitLoss):
         at = sum(attention_distance(taps.student_features[i], taps.teacher_features[j], self.p)
                  for i, j in self.stage_pairs(taps))
         if self.training:
-            self.at_sum += at.detach() * len(targets)
-            self.at_seen += len(targets)
+            self.epoch_means.add(len(targets), at=at)
         loss = F.cross_entropy(outputs[-1], targets) + self.beta * at
         if self.alpha_kd:
             loss = loss + self.alpha_kd * kd_kl(outputs[-1], taps.teacher_logits[-1], self.temperature)
         return loss
 
-    def start_epoch(self) -> None:
-        self.at_sum.zero_()
-        self.at_seen = 0
-
-    def extra_metrics(self) -> dict[str, float]:
-        return {"at": float(self.at_sum) / self.at_seen} if self.at_seen else {}

@@ -5,6 +5,31 @@ import torch
 from torch import nn
 
 
+class EpochMeans(nn.Module):
+    """Per-image means of named loss terms over an epoch's training batches.
+
+    Summed on the device and read once per epoch (no host sync per step); a statistic, not training state,
+    so it stays out of checkpoints and old snapshots still load.
+    """
+
+    def __init__(self, *names: str):
+        super().__init__()
+        self.names = names
+        self.register_buffer("sums", torch.zeros(len(names)), persistent=False)
+        self.seen = 0
+
+    def add(self, batch_size: int, **terms: torch.Tensor) -> None:
+        self.sums += torch.stack([terms[n].detach().float() for n in self.names]) * batch_size
+        self.seen += batch_size
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.seen = 0
+
+    def means(self) -> dict[str, float]:
+        return {n: float(v) / self.seen for n, v in zip(self.names, self.sums)} if self.seen else {}
+
+
 class MultiExitLoss(nn.Module):
     """``forward(outputs, targets)`` -> scalar loss, where ``outputs`` is one logits tensor per exit.
 
@@ -14,12 +39,18 @@ class MultiExitLoss(nn.Module):
     ``start_epoch`` and reported by ``extra_metrics``, which the engine calls before and after each epoch.
     """
 
+    def _epoch_means(self) -> EpochMeans | None:
+        """The terms an objective averages over each epoch: its submodule ``epoch_means``, if it has one."""
+        return getattr(self, "epoch_means", None)
+
     def start_epoch(self) -> None:
-        """Reset what ``extra_metrics`` averages over an epoch (default: nothing)."""
+        """Reset what ``extra_metrics`` averages over an epoch."""
+        if self._epoch_means() is not None:
+            self._epoch_means().reset()
 
     def after_batch(self, outputs: list[torch.Tensor]) -> None:
         """Update training-time state after a step (default: nothing)."""
 
     def extra_metrics(self) -> dict[str, float]:
-        """Scalars worth logging once per epoch (e.g. the current temperature)."""
-        return {}
+        """Scalars worth logging once per epoch: the epoch means, and e.g. the current temperature."""
+        return self._epoch_means().means() if self._epoch_means() is not None else {}

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses.base import MultiExitLoss
+from losses.base import EpochMeans, MultiExitLoss
 from losses.kd import kd_kl
 from losses.taps import Taps
 
@@ -126,8 +126,7 @@ class CRDLoss(MultiExitLoss):
         self._register_blocks(num_data, pool, labels)
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # Summed on the device, read once per epoch: no host sync per step. Not part of the training state.
-        self.register_buffer("crd_sum", torch.zeros(()), persistent=False)
-        self.crd_seen = 0
+        self.epoch_means = EpochMeans("crd")
 
     def _register_blocks(self, num_data: int, pool: torch.Tensor | Sequence[int] | None,
                          labels: torch.Tensor | Sequence[int] | None) -> None:
@@ -186,8 +185,7 @@ class CRDLoss(MultiExitLoss):
             self.z.copy_(z)
             self.draws += 1
             self._pending = (idx, v_s.detach(), v_t.detach())
-            self.crd_sum += crd.detach() * len(targets)
-            self.crd_seen += len(targets)
+            self.epoch_means.add(len(targets), crd=crd)
         loss = F.cross_entropy(outputs[-1], targets) + self.beta * crd
         if self.alpha_kd:
             loss = loss + self.alpha_kd * kd_kl(outputs[-1], taps.teacher_logits[-1], self.kd_temperature)
@@ -210,9 +208,3 @@ class CRDLoss(MultiExitLoss):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.seed, self.draws = int(state["seed"]), int(state["draws"])
 
-    def start_epoch(self) -> None:
-        self.crd_sum.zero_()
-        self.crd_seen = 0
-
-    def extra_metrics(self) -> dict[str, float]:
-        return {"crd": float(self.crd_sum) / self.crd_seen} if self.crd_seen else {}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses.base import MultiExitLoss
+from losses.base import EpochMeans, MultiExitLoss
 from losses.kd import kd_term
 from losses.taps import Taps
 
@@ -89,9 +89,7 @@ class MHKDLoss(MultiExitLoss):
         self.student_heads = nn.ModuleList(
             mhkd_head(self.student_channels[level], num_classes, width) for level in self.levels)
         # Summed on the device, read once per epoch: no host sync per step. Not part of the training state.
-        self.register_buffer("teacher_ce_sum", torch.zeros(()), persistent=False)
-        self.register_buffer("student_kd_sum", torch.zeros(()), persistent=False)
-        self.seen = 0
+        self.epoch_means = EpochMeans("teacher_head_ce", "student_head_kd")
 
     def check_taps(self, taps: Taps) -> None:
         """Fail clearly when this batch's stage outputs are not the widths the heads were built for."""
@@ -112,19 +110,7 @@ class MHKDLoss(MultiExitLoss):
             teacher_ce = teacher_ce + F.cross_entropy(teacher_logits, targets)
             student_kd = student_kd + kd_term(student_logits, teacher_logits, targets, self.alpha, self.temperature)
         if self.training:
-            self.teacher_ce_sum += teacher_ce.detach().float() * len(targets)
-            self.student_kd_sum += student_kd.detach().float() * len(targets)
-            self.seen += len(targets)
+            self.epoch_means.add(len(targets), teacher_head_ce=teacher_ce, student_head_kd=student_kd)
         final = kd_term(outputs[-1], taps.teacher_logits[-1], targets, self.alpha, self.temperature)
         return teacher_ce + self.beta * student_kd + final
 
-    def start_epoch(self) -> None:
-        self.teacher_ce_sum.zero_()
-        self.student_kd_sum.zero_()
-        self.seen = 0
-
-    def extra_metrics(self) -> dict[str, float]:
-        if not self.seen:
-            return {}
-        return {"teacher_head_ce": float(self.teacher_ce_sum) / self.seen,
-                "student_head_kd": float(self.student_kd_sum) / self.seen}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from losses.base import MultiExitLoss
+from losses.base import EpochMeans, MultiExitLoss
 from losses.kd import soft_cross_entropy
 
 TEMPERATURE_MODES = ("adaptive", "const")
@@ -45,9 +45,7 @@ class PhuongDistillationLoss(MultiExitLoss):
         self.adaptive = temperature == "adaptive"
         self.global_scale = 10.0 / n_exits if global_scale is None else global_scale
         self.register_buffer("temperature", torch.tensor(float(initial_temperature), dtype=torch.float64))
-        # Summed on the device, read once per epoch: no host sync per step. Not part of the training state.
-        self.register_buffer("ce_sum", torch.zeros(()), persistent=False)
-        self.ce_seen = 0
+        self.epoch_means = EpochMeans("ce")
 
     def teacher_probs(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         return F.softmax(outputs[-1].detach().float() / float(self.temperature), dim=1)
@@ -58,8 +56,7 @@ class PhuongDistillationLoss(MultiExitLoss):
         t = float(self.temperature)
         ce = sum(F.cross_entropy(z, targets) for z in outputs)
         if self.training:
-            self.ce_sum += ce.detach().float() * len(targets)
-            self.ce_seen += len(targets)
+            self.epoch_means.add(len(targets), ce=ce)
         q = self.teacher_probs(outputs)
         distill = sum(soft_cross_entropy(z.float(), q, t) for z in outputs[:-1])
         return self.global_scale * ((1 - self.c) * ce + self.c * t**2 * distill)
@@ -69,12 +66,5 @@ class PhuongDistillationLoss(MultiExitLoss):
         if self.adaptive and self.teacher_probs(outputs).max(dim=1).values.mean() > self.max_prob:
             self.temperature.mul_(self.t_mult)
 
-    def start_epoch(self) -> None:
-        self.ce_sum.zero_()
-        self.ce_seen = 0
-
     def extra_metrics(self) -> dict[str, float]:
-        metrics = {"temperature": float(self.temperature)}
-        if self.ce_seen:
-            metrics["ce"] = float(self.ce_sum) / self.ce_seen
-        return metrics
+        return {"temperature": float(self.temperature), **super().extra_metrics()}

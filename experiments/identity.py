@@ -25,7 +25,7 @@ from sacred.utils import convert_to_nested_dict, recursive_update
 from experiments.engine.checkpoint import load_snapshot, resume_conflicts
 from experiments.engine.console import captured_out_filter
 from experiments.engine.trainer import interruptible
-from experiments.references import RunReferenceError, resolve_run, stores_of
+from experiments.references import ResolvedRun, RunReferenceError, resolve_run, stores_of
 from experiments.validation import rules_of, validate_run, validate_updates
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -70,11 +70,11 @@ def check_writable(folders: Sequence[str | Path]) -> None:
                                   "choose another train.snapshot_root, MULTIEXIT_RUNS or -F folder")
 
 
-def check_resume(config: dict, experiment: str, stores: Sequence) -> None:
-    """Refuse a ``train.resume`` that cannot continue exactly: weights-only snapshots, changed settings."""
+def check_resume(config: dict, experiment: str, stores: Sequence) -> ResolvedRun | None:
+    """The run ``train.resume`` names, refused when it cannot continue exactly: weights only, changed settings."""
     ref = config["train"]["resume"]
     if ref in (None, ""):
-        return
+        return None
     resolved = resolve_run(ref, experiment, config["train"]["snapshot_root"], stores, name="last.pt")
     snapshot = load_snapshot(resolved.snapshot)
     if "optimizer" not in snapshot:
@@ -87,6 +87,7 @@ def check_resume(config: dict, experiment: str, stores: Sequence) -> None:
     if conflicts:
         raise RunReferenceError(f"cannot resume {resolved.uid or resolved.snapshot} exactly, the command changes "
                                 f"{'; '.join(conflicts)} (use the interrupted run's values)")
+    return resolved
 
 
 class TrackedExperiment(Experiment):
@@ -146,5 +147,7 @@ class TrackedExperiment(Experiment):
         if command_name in (None, self.default_command):
             folders = [o.basedir for o in self.observers if isinstance(o, FileStorageObserver)]
             check_writable([run.config["train"]["snapshot_root"], *folders])
-        check_resume(run.config, self.path, stores_of(self.observers))
+        resumed = check_resume(run.config, self.path, stores_of(self.observers))
+        if resumed is not None:  # resolved once, here; the run continues from this very snapshot
+            run.info["resumed_from"] = resumed.record()
         return run

@@ -18,7 +18,6 @@ from experiments.engine.records import attach_exit_record, build_exit_record
 from experiments.engine.trainer import Trainer
 from experiments.identity import new_uid
 from experiments.ingredients.optim import build_lr_scheduler, build_optimizer
-from experiments.references import resolve_run, stores_of
 from losses.base import MultiExitLoss
 from models.multiexit import MultiExitNetwork
 
@@ -79,8 +78,7 @@ def fit_and_record(
     later stage can rebuild the network. Returns the per-exit summary also put in ``run.info``.
     """
     threads = set_threads(train["threads"])
-    resumed = resolve_run(train["resume"], experiment, train["snapshot_root"], stores_of(run.observers if run else ()),
-                          name="last.pt") if train["resume"] else None
+    resumed = run.info.get("resumed_from") if run is not None else None  # resolved and checked before the run
     folder = run_folder(run, experiment, train["snapshot_root"])
     split_path = save_split(data.split, folder / "split.npz")
     uid = folder.name
@@ -92,8 +90,6 @@ def fit_and_record(
     if run is not None:
         run.info.update(variant=variant, recipe=recipe, snapshot_dir=str(folder),
                         environment=environment(device, threads))
-        if resumed is not None:
-            run.info["resumed_from"] = resumed.record()
         run.add_artifact(str(split_path), name="split.npz", content_type=NPZ)
     # an objective's own trainable parts (a FitNets regressor, CRD's embeddings) train with the model
     optimizer = build_optimizer(optim, [*model.parameters(), *loss_fn.parameters()])
@@ -104,8 +100,8 @@ def fit_and_record(
         select=selection(train["select"], data), meta=meta, progress=train["progress"], test_loader=data.test,
     )
     if resumed is not None:
-        trainer.resume(resumed.snapshot)
-        print(f"resumed {resumed.uid or resumed.snapshot} from epoch {trainer.epoch}", flush=True)
+        trainer.resume(resumed["snapshot"])
+        print(f"resumed {resumed['uid'] or resumed['snapshot']} from epoch {trainer.epoch}", flush=True)
     trainer.fit(train["epochs"])
     chosen = trainer.restore_selected()
     trainer.save_weights(folder / "final.pt")

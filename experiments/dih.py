@@ -18,8 +18,6 @@ with 5k training images held out for validation: the released code selected chec
 """
 from __future__ import annotations
 
-import torch
-
 from experiments.engine.hardware import resolve_device
 from experiments.engine.pipeline import fit_and_record
 from experiments.identity import TrackedExperiment
@@ -154,15 +152,6 @@ def final_exit_only(num_exits: int) -> ExitCrossEntropy:
     return ExitCrossEntropy(weights=[0.0] * (num_exits - 1) + [1.0])
 
 
-def embedding_width(net, input_shape: tuple[int, ...]) -> int:
-    """Length of the vector the final exit classifies (CRD's embedding input)."""
-    was_training = net.training
-    with torch.no_grad():
-        width = net.eval().staged_outputs(torch.zeros(1, *input_shape))[2].shape[1]
-    net.train(was_training)
-    return width
-
-
 def crd_objective(net: StudentWithTeacher, bundle) -> CRDLoss:
     """CRD with its memory bank over the training images (in-memory datasets: their loader names each batch)."""
     loader = bundle.train
@@ -170,7 +159,7 @@ def crd_objective(net: StudentWithTeacher, bundle) -> CRDLoss:
         raise ValueError("method=crd needs an in-memory dataset (its loader names the images of each batch)")
     shape = bundle.input_shape()
     return CRDLoss(net.taps, lambda: loader.batch_indices, num_data=len(loader.images),
-                   student_dim=embedding_width(net.student, shape), teacher_dim=embedding_width(net.teacher, shape),
+                   student_dim=net.student.probe(shape)[2].shape[1], teacher_dim=net.teacher.probe(shape)[2].shape[1],
                    pool=loader.indices, labels=loader.labels)
 
 
@@ -191,11 +180,7 @@ def student_objective(method: str, net: StudentWithTeacher, alpha: float, kd_tem
 
 def stage_shapes(net, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     """(C, H, W) of what every stage hands its exit: where feature-based methods read."""
-    was_training = net.training
-    with torch.no_grad():
-        shapes = [tuple(f.shape[1:]) for f in net.eval().staged_outputs(torch.zeros(1, *input_shape))[1]]
-    net.train(was_training)
-    return shapes
+    return [tuple(f.shape[1:]) for f in net.probe(input_shape)[1]]
 
 
 def hint_objective(net: StudentWithTeacher, input_shape: tuple[int, ...]) -> FitNetsHintLoss:

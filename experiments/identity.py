@@ -22,7 +22,7 @@ from sacred import Experiment
 from sacred.observers import FileStorageObserver
 from sacred.utils import convert_to_nested_dict, recursive_update
 
-from experiments.engine.checkpoint import load_snapshot, resume_conflicts
+from experiments.engine.checkpoint import resume_conflicts
 from experiments.engine.console import captured_out_filter
 from experiments.engine.trainer import interruptible
 from experiments.references import ResolvedRun, RunReferenceError, resolve_run, stores_of
@@ -76,7 +76,7 @@ def check_resume(config: dict, experiment: str, stores: Sequence) -> ResolvedRun
     if ref in (None, ""):
         return None
     resolved = resolve_run(ref, experiment, config["train"]["snapshot_root"], stores, name="last.pt")
-    snapshot = load_snapshot(resolved.snapshot)
+    snapshot = resolved.contents
     if "optimizer" not in snapshot:
         raise RunReferenceError(f"{resolved.snapshot} holds weights only; resume from the last.pt beside it")
     saved = (snapshot.get("meta") or {}).get("config")

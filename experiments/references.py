@@ -15,7 +15,7 @@ refused too: a later stage never trains on another run's network.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -34,6 +34,7 @@ class ResolvedRun:
     snapshot: Path
     found: str
     recipe: str | None = None
+    contents: dict | None = field(default=None, repr=False, compare=False)  # the snapshot, loaded once
 
     def record(self) -> dict[str, Any]:
         """Plain data for ``_run.info`` and snapshot ``meta`` of the run that uses it."""
@@ -185,11 +186,12 @@ def resolve_run(ref: Any, experiment: str, snapshot_root: str | Path, stores: Se
             resolved = _by_id(int(text), experiment, root, stores, name)
         else:
             resolved = _by_uid(text, experiment, root, name)
-    meta = load_snapshot(resolved.snapshot).get("meta") or {}
+    contents = load_snapshot(resolved.snapshot)
+    meta = contents.get("meta") or {}
     recorded = meta.get("uid")
     if resolved.uid and recorded and recorded != resolved.uid:
         raise RunReferenceError(f"{resolved.snapshot} holds run {recorded}, not {resolved.uid} that {ref!r} names")
-    return ResolvedRun(resolved.uid or recorded, resolved.snapshot, resolved.found, meta.get("recipe"))
+    return ResolvedRun(resolved.uid or recorded, resolved.snapshot, resolved.found, meta.get("recipe"), contents)
 
 
 def load_parent(ref: Any, key: str, experiment: str, stage: str, snapshot_root: str | Path,
@@ -201,7 +203,7 @@ def load_parent(ref: Any, key: str, experiment: str, stage: str, snapshot_root: 
     if ref in (None, ""):
         raise RunReferenceError(f"{key} is needed: the uid, run id or snapshot path of a finished stage={stage} run")
     parent = resolve_run(ref, experiment, snapshot_root, stores)
-    snapshot = load_snapshot(parent.snapshot)
+    snapshot = parent.contents
     meta = snapshot.get("meta") or {}
     if meta.get("stage") != stage or not {"model", "data", "variant"} <= set(meta):
         raise RunReferenceError(f"{key}={ref!r} names {parent.snapshot}, which is not a finished stage={stage} run "

@@ -15,28 +15,13 @@ from models.imta import freeze
 from models.multiexit import ExitHead, MultiExitNetwork, State
 
 
-def stage_output_sizes(teacher: MultiExitNetwork, input_shape: tuple[int, ...]) -> list[int]:
-    """Flattened size of what each teacher stage hands its exit, read off one dummy sample."""
-    was_training = teacher.training
-    teacher.eval()
-    device = next(teacher.parameters()).device
-    sizes, state = [], None
-    with torch.no_grad():
-        state = teacher.init_state(torch.zeros(1, *input_shape, device=device))
-        for k in range(teacher.num_exits):
-            state, head_in = teacher.trunk(k, state)
-            sizes.append(head_in[0].numel())
-    teacher.train(was_training)
-    return sizes
-
-
 class IntermediateHeads(MultiExitNetwork):
     """A frozen teacher with a flattened-Linear head per stage; its final exit is the last of the cohort."""
 
     def __init__(self, teacher: MultiExitNetwork, input_shape: tuple[int, ...]):
         super().__init__(teacher.num_classes)
         self.teacher = freeze(teacher).eval()
-        sizes = stage_output_sizes(teacher, input_shape)
+        sizes = [f[0].numel() for f in teacher.probe(input_shape)[1]]  # flattened stage outputs
         self.heads = nn.ModuleList(ExitHead(nn.Flatten(), nn.Linear(n, teacher.num_classes)) for n in sizes)
         self.stages = len(sizes)
 

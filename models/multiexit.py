@@ -137,6 +137,16 @@ class MultiExitNetwork(nn.Module):
             logits.append(self.heads[k].classifier(embedding))
         return logits, features, embedding
 
+    def probe(self, input_shape: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """``staged_outputs`` of one zero sample in eval mode, without gradients: the shapes a method builds
+        its own layers for (the training mode is left as it was)."""
+        was_training = self.training
+        device = next(self.parameters()).device
+        with torch.no_grad():
+            outputs = self.eval().staged_outputs(torch.zeros(1, *input_shape, device=device))
+        self.train(was_training)
+        return outputs
+
     def exit_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each head's feature vector (input of its classifier), shallow to deep."""
         state = self.init_state(x)

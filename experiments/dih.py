@@ -11,8 +11,11 @@ Stages of one experiment, chained by run reference (uid, run id or snapshot path
     python experiments/dih.py with stage=student quick method=kd student_arch=resnet14 teacher_run=<uid>  # TAKD's
     python experiments/dih.py with stage=student quick method=takd teacher_run=<uid> assistant_run=<uid>  # assistant
 
-Stage C trains the student (``student_arch``) with ``method``: ce, kd, dih, at, fitnets, takd, mhkd or crd
-(TOFD is not wired yet). Defaults are the paper's
+    python experiments/dih.py with stage=heads heads=tofd quick teacher_run=<uid>     # TOFD's teacher branches
+    python experiments/dih.py with stage=student quick method=tofd teacher_run=<uid> heads_run=<uid>
+
+Stage C trains the student (``student_arch``) with ``method``: ce, kd, dih, at, fitnets, takd, mhkd, crd or
+tofd. Defaults are the paper's
 CIFAR-100 recipe (ResNet-110 teacher, 200 epochs, batch 64, SGD 0.1 Nesterov, wd 5e-4, x0.2 at 60/120/180),
 with 5k training images held out for validation: the released code selected checkpoints on the test set.
 """
@@ -29,14 +32,14 @@ from experiments.references import ResolvedRun, RunReferenceError, load_parent, 
 from experiments.tracking import run_cli
 from experiments.validation import choice, merge_rules, number, register_rules
 from losses import (COHORT_REDUCTIONS, AttentionTransferLoss, CohortDistillation, ExitCrossEntropy, FitNetsHintLoss,
-                    CRDLoss, MHKDLoss, MultiExitLoss)
+                    CRDLoss, MHKDLoss, MultiExitLoss, TOFDLoss)
 from models import list_models
-from models.dih import IntermediateHeads
+from models.dih import HEAD_KINDS, IntermediateHeads
 from models.distill import StudentWithTeacher
 
 NAME = "dih"
 STAGES = ("teacher", "heads", "hint", "student")
-METHODS = ("ce", "kd", "dih", "at", "fitnets", "takd", "mhkd", "crd")
+METHODS = ("ce", "kd", "dih", "at", "fitnets", "takd", "mhkd", "crd", "tofd")
 
 data_ingredient = data_ing.data_ingredient(name="cifar100", val_size=5000, batch_size=64)
 model_ingredient = model_ing.model_ingredient(arch="resnet110")
@@ -49,19 +52,22 @@ ex = TrackedExperiment(NAME, ingredients=[data_ingredient, model_ingredient, opt
 @ex.config
 def config():
     stage = None  # teacher (A: CE), heads (B: DIH's heads on the frozen teacher), student (C), hint (FitNets' 1st)
+    heads = "linear"  # stage heads: linear (DIH's, one Linear per stage) or tofd (TOFD's task-oriented branches)
     teacher_run = None  # stages heads and student: uid, run id or snapshot path of a finished stage=teacher run
-    heads_run = None  # stage student, method dih: a finished stage=heads run of that teacher
+    heads_run = None  # stage student, methods dih / tofd: a finished stage=heads run of it, heads=linear / tofd
     hint_run = None  # stage student, method fitnets: a finished stage=hint run (FitNets' first phase) of it
     assistant_run = None  # stage student, method takd: a finished stage=student method=kd run of it (the assistant)
     student_arch = "resnet8"  # stage student: the student's architecture (its family's model.* knobs apply)
-    method = "dih"  # stage student: ce, kd (teacher's final exit), dih (heads + final exit), at, fitnets, takd, mhkd, crd
+    method = "dih"  # stage student: ce, kd (teacher's final exit), dih (heads + final exit), at, fitnets, takd, mhkd,
+    # crd, tofd
     alpha = 0.1  # weight of every KD term's KL (its CE gets 1 - alpha)
     kd_temperature = 5.0  # KD temperature tau
     cohort_reduction = "mean"  # dih: mean of the k+1 KD terms (KD's scale) or sum (released: CE counted k+1 times)
     locals()  # sacred reads these names; this line tells linters they are used
 
 
-RULES = dict(stage=choice(*STAGES), teacher_run=train_ing.SNAPSHOT_REF, heads_run=train_ing.SNAPSHOT_REF,
+RULES = dict(stage=choice(*STAGES), heads=choice(*HEAD_KINDS), teacher_run=train_ing.SNAPSHOT_REF,
+             heads_run=train_ing.SNAPSHOT_REF,
              hint_run=train_ing.SNAPSHOT_REF, assistant_run=train_ing.SNAPSHOT_REF,
              student_arch=choice(*list_models()), method=choice(*METHODS), alpha=number(min=0, max=1),
              kd_temperature=number(min=0, min_open=True), cohort_reduction=choice(*COHORT_REDUCTIONS))
@@ -116,6 +122,14 @@ def load_teacher(config: dict, stores) -> tuple[ResolvedRun, dict]:
     return load_parent(config["teacher_run"], "teacher_run", NAME, "teacher", config["train"]["snapshot_root"], stores)
 
 
+HEADS_OF = {"dih": "linear", "tofd": "tofd"}  # the heads each cohort method distils from
+
+
+def heads_kind(snapshot: dict) -> str:
+    """Which heads a heads run trained (runs from before TOFD's branches hold DIH's)."""
+    return snapshot["meta"].get("heads", "linear")
+
+
 def load_child(config: dict, key: str, stage: str, teacher: ResolvedRun, stores) -> tuple[ResolvedRun, dict]:
     """The ``stage`` run named by ``config[key]`` (heads, hint), refused unless it was trained on ``teacher``."""
     child, snapshot = load_parent(config[key], key, NAME, stage, config["train"]["snapshot_root"], stores)
@@ -123,6 +137,9 @@ def load_child(config: dict, key: str, stage: str, teacher: ResolvedRun, stores)
     if trained_on != teacher.uid:
         raise RunReferenceError(f"{key} {child.uid} holds {stage} of teacher {trained_on}, not of teacher_run "
                                 f"{teacher.uid}")
+    if key == "heads_run" and heads_kind(snapshot) != HEADS_OF[config["method"]]:
+        raise RunReferenceError(f"heads_run {child.uid} holds heads={heads_kind(snapshot)}; method={config['method']} "
+                                f"needs a stage=heads heads={HEADS_OF[config['method']]} run of the teacher")
     if key == "assistant_run" and snapshot["meta"].get("method") != "kd":
         raise RunReferenceError(f"assistant_run {child.uid} was trained with method={snapshot['meta'].get('method')}; "
                                 "TAKD's assistant is a student trained by KD (stage=student method=kd)")
@@ -130,7 +147,8 @@ def load_child(config: dict, key: str, stage: str, teacher: ResolvedRun, stores)
 
 
 # What a student stage needs beyond the teacher: (config key, stage of the run it names), per method.
-NEEDS = {"dih": ("heads_run", "heads"), "fitnets": ("hint_run", "hint"), "takd": ("assistant_run", "student")}
+NEEDS = {"dih": ("heads_run", "heads"), "tofd": ("heads_run", "heads"), "fitnets": ("hint_run", "hint"),
+         "takd": ("assistant_run", "student")}
 
 
 @ex.derive_config
@@ -159,7 +177,8 @@ def crd_objective(net: StudentWithTeacher, bundle) -> CRDLoss:
         raise ValueError("method=crd needs an in-memory dataset (its loader names the images of each batch)")
     shape = bundle.input_shape()
     return CRDLoss(net.taps, lambda: loader.batch_indices, num_data=len(loader.images),
-                   student_dim=net.student.probe(shape)[2].shape[1], teacher_dim=net.teacher.probe(shape)[2].shape[1],
+                   student_dim=net.student.probe(shape)[2][-1].shape[1],
+                   teacher_dim=net.teacher.probe(shape)[2][-1].shape[1],
                    pool=loader.indices, labels=loader.labels)
 
 
@@ -171,6 +190,11 @@ def student_objective(method: str, net: StudentWithTeacher, alpha: float, kd_tem
         return final_exit_only(net.num_exits)
     if method == "at":
         return AttentionTransferLoss(net.taps)  # RepDistiller's AT: CE + 1000 x attention distance, every stage
+    if method == "tofd":
+        student = net.student.probe(input_shape)
+        return TOFDLoss(net.taps, [tuple(f.shape[1:]) for f in student[1]], student[2][-1].shape[1],
+                        [e.shape[1] for e in net.teacher.probe(input_shape)[2]], num_classes=net.num_classes,
+                        temperature=kd_temperature)
     if method == "mhkd":
         channels = [[shape[0] for shape in stage_shapes(n, input_shape)] for n in (net.student, net.teacher)]
         return MHKDLoss(net.taps, *channels, num_classes=net.num_classes, alpha=alpha, temperature=kd_temperature)
@@ -195,7 +219,7 @@ def student_weights(snapshot: dict) -> dict:
 
 
 @ex.main
-def main(_run, _seed, stage, method, alpha, kd_temperature, cohort_reduction, data, model, optim, train) -> dict:
+def main(_run, _seed, stage, heads, method, alpha, kd_temperature, cohort_reduction, data, model, optim, train) -> dict:
     """Teacher: CE; heads: DIH's heads on the frozen teacher; hint: FitNets' first phase; student: distil."""
     device = resolve_device(train["device"])
     bundle = data_ing.build(data, device, _seed)  # later stages: the teacher's split (derived config)
@@ -211,9 +235,9 @@ def main(_run, _seed, stage, method, alpha, kd_temperature, cohort_reduction, da
     teacher.load_state_dict(snapshot["model"])
     pair = f"{snapshot['meta']['model']['arch']} -> {model['arch']}"
     if stage == "heads":
-        net = IntermediateHeads(teacher, bundle.input_shape())
+        net = IntermediateHeads(teacher, bundle.input_shape(), kind=heads)
         loss = ExitCrossEntropy(weights=[1.0] * (net.num_exits - 1) + [0.0])  # the frozen final exit: no term
-        variant = f"{model['arch']}+heads"
+        variant, meta["heads"] = f"{model['arch']}+heads" if heads == "linear" else f"{model['arch']}+tofd heads", heads
     elif stage == "hint":
         net = StudentWithTeacher(net, teacher)
         loss, variant = hint_objective(net, bundle.input_shape()), f"hint: {pair}"
@@ -222,8 +246,8 @@ def main(_run, _seed, stage, method, alpha, kd_temperature, cohort_reduction, da
             key, needed = NEEDS[method]
             child, child_snapshot = load_child(_run.config, key, needed, parent, stores)
             _run.info[key.removesuffix("_run")] = child.record()
-            if method == "dih":
-                teacher = IntermediateHeads(teacher, bundle.input_shape())
+            if method in HEADS_OF:  # the cohort: the teacher with its trained heads
+                teacher = IntermediateHeads(teacher, bundle.input_shape(), kind=heads_kind(child_snapshot))
                 teacher.load_state_dict(child_snapshot["model"])
             elif method == "takd":  # the assistant, a KD-trained student of the teacher, teaches the student
                 assistant = child_snapshot["meta"]["model"]

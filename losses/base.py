@@ -43,8 +43,9 @@ class MultiExitLoss(nn.Module):
         """The terms an objective averages over each epoch: its submodule ``epoch_means``, if it has one."""
         return getattr(self, "epoch_means", None)
 
-    def start_epoch(self) -> None:
-        """Reset what ``extra_metrics`` averages over an epoch."""
+    def start_epoch(self, epoch: int) -> None:
+        """Reset what ``extra_metrics`` averages over an epoch; ``epoch`` (0-based) is the one starting, for
+        objectives whose terms follow a schedule."""
         if self._epoch_means() is not None:
             self._epoch_means().reset()
 

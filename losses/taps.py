@@ -15,14 +15,25 @@ import torch
 
 @dataclass
 class Taps:
-    """Per batch: the student's and the teacher's stage features and penultimate vectors, the teacher's logits.
+    """Per batch: both networks' stage features and every exit's penultimate vector, the teacher's logits.
 
     Teacher tensors carry no gradient; student tensors do. ``teacher_logits`` is the cohort, shallow to
-    deep, ending with the teacher's final exit (with DIH's heads: head 1..k, then the final exit).
+    deep, ending with the teacher's final exit (with DIH's heads: head 1..k, then the final exit), and
+    ``teacher_embeddings`` holds the vectors those logits were computed from, in the same order.
     """
 
     student_features: list[torch.Tensor]
-    student_embedding: torch.Tensor
+    student_embeddings: list[torch.Tensor]
     teacher_features: list[torch.Tensor]
-    teacher_embedding: torch.Tensor
+    teacher_embeddings: list[torch.Tensor]
     teacher_logits: list[torch.Tensor]
+
+    @property
+    def student_embedding(self) -> torch.Tensor:
+        """The student's final exit's penultimate vector (what CRD contrasts)."""
+        return self.student_embeddings[-1]
+
+    @property
+    def teacher_embedding(self) -> torch.Tensor:
+        """The teacher's final exit's penultimate vector."""
+        return self.teacher_embeddings[-1]

@@ -42,9 +42,9 @@ class StudentWithTeacher(MultiExitNetwork):
         if not self.training:
             return self.student(x)
         with torch.no_grad():
-            teacher_logits, teacher_features, teacher_embedding = self.teacher.staged_outputs(x)
-        logits, features, embedding = self.student.staged_outputs(x)
-        self._taps = Taps(features, embedding, teacher_features, teacher_embedding, teacher_logits)
+            teacher_logits, teacher_features, teacher_embeddings = self.teacher.staged_outputs(x)
+        logits, features, embeddings = self.student.staged_outputs(x)
+        self._taps = Taps(features, embeddings, teacher_features, teacher_embeddings, teacher_logits)
         return logits
 
     def taps(self) -> Taps:

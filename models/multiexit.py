@@ -125,19 +125,19 @@ class MultiExitNetwork(nn.Module):
             logits.append(out)
         return logits
 
-    def staged_outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Every exit's logits, the tensor each stage hands its exit, and the last exit's feature vector:
-        what feature-based distillation reads, from one pass."""
+    def staged_outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Every exit's logits, the tensor each stage hands its exit, and each exit's feature vector (its
+        classifier's input): what feature-based distillation reads, from one pass."""
         state = self.init_state(x)
-        logits, features = [], []
+        logits, features, embeddings = [], [], []
         for k in range(self.num_exits):
             state, head_in = self.trunk(k, state)
             features.append(head_in)
-            embedding = self.heads[k].features(head_in)
-            logits.append(self.heads[k].classifier(embedding))
-        return logits, features, embedding
+            embeddings.append(self.heads[k].features(head_in))
+            logits.append(self.heads[k].classifier(embeddings[-1]))
+        return logits, features, embeddings
 
-    def probe(self, input_shape: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    def probe(self, input_shape: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """``staged_outputs`` of one zero sample in eval mode, without gradients: the shapes a method builds
         its own layers for (the training mode is left as it was)."""
         was_training = self.training
@@ -149,10 +149,4 @@ class MultiExitNetwork(nn.Module):
 
     def exit_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each head's feature vector (input of its classifier), shallow to deep."""
-        state = self.init_state(x)
-        feats = []
-        for k in range(self.num_exits):
-            state, head_in = self.trunk(k, state)
-            feats.append(self.heads[k].features(head_in))
-        return feats
-
+        return self.staged_outputs(x)[2]

@@ -20,7 +20,7 @@ class Feed:
 
     def set(self, student, teacher, idx, teacher_logits=None):
         logits = teacher_logits if teacher_logits is not None else torch.zeros(len(idx), 3)
-        self.taps = Taps([], student, [], teacher, [logits])
+        self.taps = Taps([], [student], [], [teacher], [logits])
         self.idx = torch.as_tensor(idx)
 
 
@@ -289,7 +289,7 @@ def test_training_a_tiny_student_lowers_the_crd_term():
     order = torch.Generator().manual_seed(0)
     per_epoch = []
     for _ in range(12):
-        loss.start_epoch()
+        loss.start_epoch(0)
         for idx in torch.randperm(N, generator=order).view(4, 5):
             embedding = body(x[idx])
             feed.set(embedding, teacher[idx], idx)

@@ -108,7 +108,7 @@ def fixed_taps(*teacher_logits):
     from losses.taps import Taps
 
     empty = torch.zeros(0)
-    return lambda: Taps([], empty, [], empty, list(teacher_logits))
+    return lambda: Taps([], [empty], [], [empty], list(teacher_logits))
 
 
 def test_kd_and_the_dih_cohort_by_hand():
@@ -132,13 +132,14 @@ def test_kd_and_the_dih_cohort_by_hand():
     assert hot(student, y).item() == pytest.approx(4 * float((q * (q / 0.5).log()).sum()), rel=1e-6)
 
 
-@pytest.mark.parametrize("method", ["ce", "kd", "dih", "at", "mhkd"])
+@pytest.mark.parametrize("method", ["ce", "kd", "dih", "at", "mhkd", "tofd"])
 def test_every_method_fits_a_tiny_batch_and_never_moves_the_teacher(method):
     from experiments.dih import student_objective
     from models.distill import StudentWithTeacher
 
     torch.manual_seed(0)
-    teacher = IntermediateHeads(create_model("resnet8", num_classes=3, width=4), (3, 8, 8))
+    kind = "tofd" if method == "tofd" else "linear"
+    teacher = IntermediateHeads(create_model("resnet8", num_classes=3, width=4), (3, 8, 8), kind=kind)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     net = StudentWithTeacher(create_model("resnet8", num_classes=3, width=4), teacher).train()
     loss_fn = student_objective(method, net, alpha=0.1, kd_temperature=5.0, cohort_reduction="mean",
@@ -166,6 +167,24 @@ def test_the_student_stage_chains_teacher_and_heads_and_refuses_heads_of_another
     other = run(root, stage="teacher", seed=9)
     with pytest.raises(RunReferenceError, match=f"holds heads of teacher {teacher.info['uid']}, not of teacher_run"):
         run(root, stage="student", method="dih", teacher_run=other.info["uid"], heads_run=heads.info["uid"])
+
+
+def test_tofd_distils_from_the_teachers_own_branches_and_refuses_dihs_heads(chain):
+    root, teacher, heads = chain
+    branches = run(root, stage="heads", heads="tofd", teacher_run=teacher.info["uid"])
+    assert branches.info["variant"] == "resnet8+tofd heads"
+    record = json.loads((root / "runs" / branches.info["uid"] / "info.json").read_text())["exits"]
+    assert "test_acc_exit3" in record and "test_acc_exit4" not in record  # 2 branches + the final exit
+    assert record["test_acc_exit3"] == pytest.approx(teacher.info["exits"]["test_acc_exit3"])
+    student = run(root, stage="student", method="tofd", teacher_run=teacher.info["uid"],
+                  heads_run=branches.info["uid"])
+    assert student.status == "COMPLETED" and student.info["heads"]["uid"] == branches.info["uid"]
+    weights = torch.load(Path(student.info["snapshot_dir"]) / "last.pt", weights_only=True)  # with the loss
+    assert any(k.startswith("branches.") for k in weights["loss"]) and "links.2.weight" in weights["loss"]
+    with pytest.raises(RunReferenceError, match="holds heads=linear; method=tofd needs a stage=heads heads=tofd"):
+        run(root, stage="student", method="tofd", teacher_run=teacher.info["uid"], heads_run=heads.info["uid"])
+    with pytest.raises(RunReferenceError, match="holds heads=tofd; method=dih needs a stage=heads heads=linear"):
+        run(root, stage="student", method="dih", teacher_run=teacher.info["uid"], heads_run=branches.info["uid"])
 
 
 def test_show_commands_work_without_the_references_a_run_needs(capsys):

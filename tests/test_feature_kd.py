@@ -28,7 +28,7 @@ AT_BY_HAND_P1 = (3 - 4 / math.sqrt(5)) / 8
 def fixed_taps(student_features, teacher_features, teacher_logits=None):
     """``taps`` for an objective: always this batch (embeddings unused here)."""
     batch = len(student_features[0])
-    taps = Taps(student_features, torch.zeros(batch, 1), teacher_features, torch.zeros(batch, 1),
+    taps = Taps(student_features, [torch.zeros(batch, 1)], teacher_features, [torch.zeros(batch, 1)],
                 teacher_logits if teacher_logits is not None else [torch.zeros(batch, 2)])
     return lambda: taps
 
@@ -139,7 +139,7 @@ def test_extra_metrics_average_the_at_term_per_image_and_reset():
     z, _, y = two_sample_logits()
     batch = {}
     loss = AttentionTransferLoss(lambda: batch["taps"]).train()
-    loss.start_epoch()
+    loss.start_epoch(0)
     assert loss.extra_metrics() == {}
     batch["taps"] = fixed_taps([torch.tensor(STUDENT)], [torch.tensor(TEACHER)])()
     loss([z], y)
@@ -151,7 +151,7 @@ def test_extra_metrics_average_the_at_term_per_image_and_reset():
     batch["taps"] = fixed_taps([torch.tensor(STUDENT)], [torch.tensor(TEACHER)])()
     loss([z], y)
     assert loss.extra_metrics()["at"] == pytest.approx(2 * AT_BY_HAND / 3, rel=1e-6)  # evaluation not counted
-    loss.start_epoch()
+    loss.start_epoch(0)
     assert loss.extra_metrics() == {}
     loss.train()([z], y)
     assert loss.extra_metrics()["at"] == pytest.approx(AT_BY_HAND, rel=1e-6)

@@ -78,7 +78,7 @@ def test_phuong_reports_the_plain_exit_cross_entropy_of_the_epoch():
     """``ce`` = sum over exits of CE, averaged over the epoch's training images, without scale or distillation."""
     outputs, y = two_exit_batch()
     loss = PhuongDistillationLoss(n_exits=2)
-    loss.start_epoch()
+    loss.start_epoch(0)
     loss(outputs, y)  # one image: ln 2 - ln(3/4)
     loss([torch.zeros(3, 2), torch.zeros(3, 2)], torch.tensor([0, 1, 1]))  # three undecided images: ln 2 + ln 2
     expected = (math.log(2) - math.log(0.75) + 3 * 2 * math.log(2)) / 4
@@ -86,7 +86,7 @@ def test_phuong_reports_the_plain_exit_cross_entropy_of_the_epoch():
     loss.eval()
     loss(outputs, y)  # evaluation batches are no training statistics
     assert loss.extra_metrics()["ce"] == pytest.approx(expected, rel=1e-6)
-    loss.start_epoch()
+    loss.start_epoch(0)
     assert loss.extra_metrics() == {"temperature": 1.0}
     assert not any("sums" in k for k in loss.state_dict())  # a statistic, not training state: old snapshots still load
 

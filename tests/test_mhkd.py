@@ -18,8 +18,8 @@ def stage_maps(batch, channels):
 def make_batch(batch=4, seed=0):
     """Stage outputs of both networks, the teacher's exits, the student's exits and labels; all leaves with grad."""
     torch.manual_seed(seed)
-    taps = Taps(stage_maps(batch, STUDENT_CHANNELS), torch.zeros(batch, 1),
-                stage_maps(batch, TEACHER_CHANNELS), torch.zeros(batch, 1),
+    taps = Taps(stage_maps(batch, STUDENT_CHANNELS), [torch.zeros(batch, 1)],
+                stage_maps(batch, TEACHER_CHANNELS), [torch.zeros(batch, 1)],
                 [(2 * torch.randn(batch, CLASSES)).requires_grad_() for _ in range(2)])
     outputs = [torch.randn(batch, CLASSES, requires_grad=True) for _ in range(2)]
     return taps, outputs, torch.arange(batch) % CLASSES
@@ -175,7 +175,7 @@ def test_training_a_tiny_student_lowers_the_objective():
     values = []
     for _ in range(40):
         features, logits = student(x)
-        batch["taps"] = Taps(features, torch.zeros(12, 1), teacher_features, torch.zeros(12, 1), teacher_logits)
+        batch["taps"] = Taps(features, [torch.zeros(12, 1)], teacher_features, [torch.zeros(12, 1)], teacher_logits)
         value = loss([logits], y)
         optimizer.zero_grad()
         value.backward()
@@ -203,6 +203,6 @@ def test_extra_metrics_average_over_training_images_and_reset():
     loss.eval()
     loss(*batches[1][1:])  # evaluation batches are not counted
     assert loss.extra_metrics() == pytest.approx(metrics)
-    loss.start_epoch()
+    loss.start_epoch(0)
     assert loss.extra_metrics() == {}
     assert not any("sums" in k for k in loss.state_dict())

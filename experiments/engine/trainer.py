@@ -214,7 +214,7 @@ class Trainer:
     def train_epoch(self) -> dict[str, float]:
         self.model.train()
         self.loss_fn.train()
-        self.loss_fn.start_epoch()
+        self.loss_fn.start_epoch(self.epoch)
         n_exits = self.model.num_exits
         correct = torch.zeros(n_exits, device=self.device)
         loss_sum, seen, start = 0.0, 0, time.perf_counter()

@@ -26,6 +26,7 @@ import pandas as pd
 
 from analysis.budgeted import CONFIDENCES, DEFAULT_PS
 from analysis.curves import DEFAULT_GROUP, compute_curves, summary_table
+from analysis.policies import aggregate_policies, has_policies, policy_rows, policy_summary
 from analysis.runs import AnalysisError, SkippedRunWarning, filter_where, load_runs, parse_where, run_listing
 
 
@@ -94,15 +95,43 @@ def _select(args) -> pd.DataFrame:
         runs = runs[runs["variant"].isin(variants)]
         if runs.empty:
             raise AnalysisError(f"no runs with variant in {variants} in {searched}")
-    if args.command != "runs" and not runs["has_exit_record"].any():
+    if args.command != "runs" and not (runs["has_exit_record"] | has_policies(runs)).any():
         raise AnalysisError(f"none of the {len(runs)} runs found in {searched} has an exit_record.npz artifact "
-                            f"(run ids: {runs['run_id'].tolist()[:20]})")
+                            f"or policy results (run ids: {runs['run_id'].tolist()[:20]})")
     return runs
 
 
 def _analyse(args) -> int:
-    """curves and table: aggregate the exit records, print the summary (and write files for curves)."""
+    """curves and table: the exit records' curves and the policy runs' results, each where runs have them."""
     runs = _select(args)
+    group_by = _csv_list(args.group_by)
+    if runs["has_exit_record"].any():
+        _analyse_records(args, runs)
+    if has_policies(runs).any():
+        _analyse_policies(args, runs, group_by)
+    return 0
+
+
+def _analyse_policies(args, runs: pd.DataFrame, group_by: list[str]) -> None:
+    """Exit policies at fixed budgets (EENet's schedule runs): mean±std over runs, and a figure for curves."""
+    table = aggregate_policies(policy_rows(runs, group_by), group_by)
+    print(f"{int(has_policies(runs).sum())} runs with exit-policy results from {args.source}")
+    if args.command == "curves":
+        from analysis.plots import plot_policies
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / "policies.csv", index=False)
+        units = runs.get("info.cost_unit", pd.Series(dtype=object)).dropna().unique()
+        plot_policies(table, out / "policies.png", group_by, units[0] if len(units) == 1 else "cost")
+        print(f"wrote {out / 'policies.csv'}, {out / 'policies.png'}")
+    print("test top-1 (%) per policy at each budget (fraction of the full network's cost), mean±std over runs")
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        print(policy_summary(table, group_by).to_string(index=False))
+
+
+def _analyse_records(args, runs: pd.DataFrame) -> None:
+    """Anytime and budgeted curves from the exit records, the summary printed (and files written for curves)."""
     curves = compute_curves(runs, group_by=_csv_list(args.group_by), ps=DEFAULT_PS, confidence=args.confidence)
     budgets = None if args.budgets is None else np.array([float(b) * 1e6 for b in _csv_list(args.budgets)])
     table = summary_table(curves, budgets)
@@ -123,7 +152,6 @@ def _analyse(args) -> int:
     print("test top-1 (%) per exit, mean±std over runs; budget@<MMACs>: budgeted test top-1 (%)")
     with pd.option_context("display.width", 200, "display.max_columns", None):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    return 0
 
 
 def _cell(value) -> str:

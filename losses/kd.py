@@ -18,8 +18,10 @@ def kd_kl(
     teacher_logits: torch.Tensor,
     temperature: float,
     reduction: str = "batchmean",
+    detach_teacher: bool = True,
 ) -> torch.Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)) with the teacher detached.
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), the teacher detached unless ``detach_teacher=False`` (EENet lets
+    the term reach the final exit it distils from).
 
     ``reduction='batchmean'`` divides the summed KL by the batch size (the textbook KD term);
     ``'mean'`` divides by batch size x number of classes, which is what ``nn.KLDivLoss()``'s
@@ -29,7 +31,8 @@ def kd_kl(
     if reduction not in KL_REDUCTIONS:
         raise ValueError(f"KL reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
     log_p = F.log_softmax(student_logits / temperature, dim=1)
-    log_q = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
+    teacher_logits = teacher_logits.detach() if detach_teacher else teacher_logits
+    log_q = F.log_softmax(teacher_logits / temperature, dim=1)
     kl_sum = F.kl_div(log_p, log_q, reduction="sum", log_target=True)
     denominator = student_logits.numel() if reduction == "mean" else student_logits.shape[0]
     return temperature**2 * kl_sum / denominator

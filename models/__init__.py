@@ -1,5 +1,6 @@
 """Multi-exit backbones, the registry that builds them by name, and their cost."""
-from models import msdnet, resnet_cifar, resnet_imagenet, vgg, wide_resnet  # noqa: F401  (registers the backbones)
+# importing a backbone module registers its builders
+from models import densenet, msdnet, resnet_bottleneck, resnet_cifar, resnet_imagenet, vgg, wide_resnet  # noqa: F401
 from models.imta import IMTANetwork, build_imta
 from models.cost import count_exit_costs, measure_exit_latency
 from models.multiexit import ExitHead, MultiExitNetwork, select_state

@@ -152,7 +152,8 @@ def test_select_state_keeps_non_tensors_and_structure():
 # ------------------------------------------------------------------------------------------- registry
 def test_registry_lists_the_backbones():
     assert {"resnet8", "resnet20", "resnet110", "msdnet", "msdnet_phuong_cifar"} <= set(list_models())
-    assert list_models("resnet*") == ["resnet110", "resnet14", "resnet18", "resnet20", "resnet34", "resnet56", "resnet8"]
+    assert list_models("resnet*") == ["resnet110", "resnet14", "resnet18", "resnet20", "resnet34", "resnet56",
+                                     "resnet56_bottleneck", "resnet8"]
 
 
 @pytest.mark.parametrize("name, close", [("resnet21", "resnet20"), ("resnet_20", "resnet20"), ("msdnett", "msdnet")])

@@ -75,6 +75,8 @@ register_family("resnet_imagenet", dict(width=64, shortcut="B"),
                 dict(width=integer(min=1), shortcut=choice(*SHORTCUTS)))
 register_family("wrn", dict(dropout=0.0), dict(dropout=number(min=0, max=1, max_open=True)))
 register_family("vgg", {}, {})
+register_family("resnet_bottleneck", dict(width=16), dict(width=integer(min=1)))
+register_family("densenet", dict(growth=12), dict(growth=integer(min=1)))
 
 RULES = merge_rules({"model.arch": choice(*list_models())},
                     *(scoped(f"model.{name}", family.rules) for name, family in FAMILIES.items()))

@@ -8,6 +8,7 @@ Modules:
     splits    seeded class-balanced train/val split; save/load as .npz
     memory    in-memory loader with batched tensor augmentation
     folders   ImageFolder-style ImageNet / Tiny-ImageNet with a DataLoader
+    text      AG News / SST-2: local or hub files, EENet's splits, tokenised once, a padding loader
     ordering  a loader's generator and epoch position (exact resume)
     batch_ops normalise / translate / flip whole batches
     bundle    build_data and DataBundle
@@ -17,6 +18,7 @@ from data.catalog import CATALOG, DATASETS, DatasetSpec, canonical_name, default
 from data.folders import FolderLoader
 from data.memory import TensorLoader
 from data.splits import load_split, make_split, save_split, validate_split
+from data.text import TextLoader
 
 __all__ = [
     "CATALOG",
@@ -25,6 +27,7 @@ __all__ = [
     "DatasetSpec",
     "FolderLoader",
     "TensorLoader",
+    "TextLoader",
     "build_data",
     "canonical_name",
     "default_root",

@@ -13,6 +13,7 @@ from data.catalog import DatasetSpec, default_root, get_spec, load_arrays
 from data.folders import FolderLoader, SampleList, find_dataset_folder, folder_transforms, scan_test, scan_train
 from data.memory import TensorLoader
 from data.splits import load_split, make_split, validate_split
+from data.text import text_loaders
 
 
 @dataclass
@@ -23,6 +24,11 @@ class DataBundle:
     have ``len()`` (batches) and ``.dataset_size`` (images); ``val`` is None without a validation
     split. ``split`` holds the 'train' and 'val' indices into the official training set (save it with
     ``save_split`` and pass it back as ``split_file`` to reuse it).
+
+    Text bundles (AG News, SST-2) yield x int64 token ids [B, L] padded with 0 instead, have
+    ``max_length`` set (``input_shape()`` is then ``(max_length,)``), ``in_channels`` 1 and
+    ``image_size`` = ``max_length`` as placeholders; SST-2's 'val' split is empty (``val`` is GLUE's
+    validation set).
     """
 
     train: Iterable
@@ -33,9 +39,12 @@ class DataBundle:
     image_size: int
     split: dict[str, np.ndarray]
     name: str
+    max_length: int | None = None  # text: tokens per sequence at most; None for images
 
-    def input_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one input image."""
+    def input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one input image; (max_length,) of one text."""
+        if self.max_length is not None:
+            return (self.max_length,)
         return (self.in_channels, self.image_size, self.image_size)
 
 
@@ -58,6 +67,8 @@ def build_data(
     synthetic_classes: int = 4,
     synthetic_image_size: int = 16,
     loader_seed: int | None = None,
+    tokenizer: str = "bert-base-uncased",
+    max_length: int = 512,
 ) -> DataBundle:
     """Build the loaders of dataset ``name`` (one of ``data.DATASETS``).
 
@@ -68,19 +79,24 @@ def build_data(
         eval_batch_size: validation/test batch size.
         workers: DataLoader worker processes (image-folder datasets only; in-memory ones need none).
         val_size: validation images held out of the official training set: an int, a fraction in
-            (0, 1) of the kept images, or 0 for no validation split.
-        class_balanced: take val_size / num_classes images from every class.
-        n_per_class: keep only this many images per class (train + val) before splitting.
+            (0, 1) of the kept images, or 0 for no validation split. AG News: the last val_size texts of
+            a permutation drawn with split_seed (the reference holds out 10 000); SST-2: ignored (its
+            validation set is GLUE's).
+        class_balanced: take val_size / num_classes images from every class (images only).
+        n_per_class: keep only this many images (texts) per class (train + val) before splitting.
         augment: training augmentation (in-memory: translation + flip per the catalog; folders:
-            RandomResizedCrop + flip). Validation and test are never augmented.
+            RandomResizedCrop + flip; text: none). Validation and test are never augmented.
         split_seed: seed of the split's own generator.
         split_file: reuse a split saved with ``save_split`` instead of drawing one.
-        download: let torchvision download a missing dataset (needs internet).
+        download: let torchvision download a missing dataset, or ``datasets`` fetch AG News/SST-2 and
+            ``transformers`` the tokenizer from the Hugging Face hub (needs internet).
         drop_last: drop the last incomplete training batch.
         device: where batches are put.
         synthetic_size, synthetic_classes, synthetic_image_size: the 'synthetic' dataset's size.
         loader_seed: seed of the training loader's generator (order, augmentation); None uses
             ``torch.initial_seed()``, so a seeded run (e.g. sacred's) stays reproducible.
+        tokenizer: text only: hub name or local folder of a fast tokenizer.
+        max_length: text only: truncate token sequences (with [CLS]/[SEP]) to this length.
     """
     spec = get_spec(name)
     root_path = Path(root) if root is not None else default_root()
@@ -94,6 +110,9 @@ def build_data(
     )
     if spec.kind == "folder":
         return _folder_bundle(spec, root_path, split_args, workers=workers, **loader_args)
+    if spec.kind == "text":
+        return _text_bundle(spec, root_path, split_args, download=download, tokenizer=tokenizer, max_length=max_length,
+                            **loader_args)
     arrays = load_arrays(
         spec.name, root_path, download, synthetic_size=synthetic_size, synthetic_classes=synthetic_classes,
         synthetic_image_size=synthetic_image_size,
@@ -158,4 +177,14 @@ def _folder_bundle(
     return DataBundle(
         train=train, val=val, test=test, num_classes=len(classes), in_channels=spec.in_channels,
         image_size=size, split=split, name=spec.name,
+    )
+
+
+def _text_bundle(spec: DatasetSpec, root: Path, split_args: dict, *, augment, max_length, **options) -> DataBundle:
+    """AG News / SST-2 (``data.text``); ``augment`` does not apply to text."""
+    train, val, test, split = text_loaders(spec.name, root, split_args, num_classes=spec.num_classes,
+                                           max_length=max_length, **options)
+    return DataBundle(
+        train=train, val=val, test=test, num_classes=spec.num_classes, in_channels=spec.in_channels,
+        image_size=max_length, split=split, name=spec.name, max_length=max_length,
     )

@@ -15,6 +15,9 @@ in [0, 1] units:
 * ImageNet (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225): torchvision's reference values; also
   used for Tiny-ImageNet, which is drawn from ImageNet.
 * synthetic: computed from its own training images when built.
+
+AG News and SST-2 (kind 'text', ``data.text``) are token sequences: no pixel statistics, and
+``in_channels``/``image_size`` are placeholders (1 and the default ``max_length`` 512).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ class DatasetSpec:
     """Static facts about one dataset."""
 
     name: str
-    kind: str  # 'memory': uint8 tensors in RAM; 'folder': ImageFolder read from disk
+    kind: str  # 'memory': uint8 tensors in RAM; 'folder': ImageFolder read from disk; 'text': data.text
     num_classes: int | None  # None: decided when built (synthetic: synthetic_classes; folders: class folders)
     in_channels: int
     image_size: int  # memory: stored size (synthetic: overridden); folder: crop size fed to the network
@@ -75,6 +78,8 @@ CATALOG: dict[str, DatasetSpec] = {
             ),
         ),
         DatasetSpec("synthetic", "memory", None, 3, 16, None, None, pad=2, flip=True),
+        DatasetSpec("ag_news", "text", 4, 1, 512, None, None),
+        DatasetSpec("sst2", "text", 2, 1, 512, None, None),
     )
 }
 
@@ -127,7 +132,8 @@ def load_arrays(
     only apply to 'synthetic')."""
     spec = get_spec(name)
     if spec.kind != "memory":
-        raise ValueError(f"{spec.name!r} is read from image folders, not held in memory")
+        where = "token sequences (data.text)" if spec.kind == "text" else "image folders"
+        raise ValueError(f"{spec.name!r} is read from {where}, not held in memory")
     if spec.name == "synthetic":
         return make_synthetic(synthetic_size, synthetic_classes, synthetic_image_size)
     return _ARRAY_LOADERS[spec.name](Path(root) if root is not None else default_root(), download)

@@ -10,7 +10,8 @@ the last quarter) and leaves the exit record. ``stage=schedule`` reads a finishe
 (EENet's, or any experiment's with ``train_experiment=imta`` etc.) and, for every budget, fits each policy
 on validation and evaluates it on test: EENet's learned scheduler, max-probability (MSDNet), normalised
 entropy (BranchyNet) and patience (PABEE). Defaults are the CIFAR-10 recipe (bottleneck ResNet-56, 150 epochs,
-batch 128, SGD 0.1, x0.1 at 50/100, wd 5e-4, the last 5 000 training images for validation).
+batch 128, SGD 0.1, x0.1 at 50/100, wd 5e-4, the last 5 000 training images for validation); named configs
+``cifar100_densenet``, ``agnews_bert`` and ``sst2_bert`` are the paper's other recipes.
 """
 from __future__ import annotations
 
@@ -98,6 +99,31 @@ def cifar100_densenet():
     """CIFAR-100 with DenseNet-121 (k = 12, exits after transitions 1-3), the CIFAR recipe otherwise."""
     data = dict(name="cifar100")
     model = dict(arch="densenet121_cifar")
+    locals()  # sacred reads these names; this line tells linters they are used
+
+
+# EENet's BERT recipe (spec 2.3): bert-base-uncased, exits after layers 3/6/9/12, 20 epochs of batch 16,
+# SGD (momentum 0.9) at a constant 3e-5, weight decay 1e-4; the scheduler's assignment MLP twice as wide.
+BERT_MODEL = dict(arch="bert_exits", bert=dict(pretrained="bert-base-uncased"))
+BERT_OPTIM = dict(lr=3e-5, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="constant")
+BERT_TRAIN = dict(epochs=20)
+BERT_SCHEDULER = dict(hidden_rate=2.0)
+BERT_DATA = dict(batch_size=16, eval_batch_size=64, tokenizer="bert-base-uncased", max_length=512)
+
+
+@ex.named_config
+def agnews_bert():
+    """AG News with EENet's BERT recipe; the last 10 000 of a seeded permutation of the training set validate."""
+    data = dict(BERT_DATA, name="ag_news", val_size=10000)
+    model, optim, train, scheduler = BERT_MODEL, BERT_OPTIM, BERT_TRAIN, BERT_SCHEDULER
+    locals()  # sacred reads these names; this line tells linters they are used
+
+
+@ex.named_config
+def sst2_bert():
+    """SST-2 with EENet's BERT recipe: GLUE's validation set validates, the labelled SST test set tests."""
+    data = dict(BERT_DATA, name="sst2")
+    model, optim, train, scheduler = BERT_MODEL, BERT_OPTIM, BERT_TRAIN, BERT_SCHEDULER
     locals()  # sacred reads these names; this line tells linters they are used
 
 

@@ -5,11 +5,15 @@ per sample while the network runs stage by stage, so exit k's figure includes ev
 and every earlier exit head:
 
 * Conv2d: C_in * C_out * k_h * k_w * H_out * W_out / groups (bias not counted)
-* Linear: in * out + out
+* Linear: (in * out + out) per position it maps: once for a [1, in] vector, L times for a [1, L, in] sequence
 * ReLU: number of output elements
 * AvgPool2d / MaxPool2d: C * H_out * W_out * k^2 (adaptive pools: C * H_in * W_in)
-* BatchNorm and everything else: free
+* BatchNorm, LayerNorm, embeddings, dropout, other activations (GELU, tanh) and everything else: free
+* work done by functional calls rather than modules (attention's two matmuls) is counted where the module that
+  makes them defines ``functional_macs(inputs, output) -> int`` (per sample, like the rest; models/bert.py)
 
+Inputs are ``model.example_input``: zero images for CNNs, token ids of the given length for text (every
+position is a real token, so a sequence model is counted at full length, e.g. 512 as EENet's BERT figures).
 Parameters are cumulative too: every module that has run so far contributes its own parameters once.
 """
 from __future__ import annotations
@@ -42,7 +46,9 @@ def module_macs(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
         kh, kw = module.kernel_size
         return module.in_channels * module.out_channels * kh * kw * output.shape[2] * output.shape[3] // module.groups
     if isinstance(module, nn.Linear):
-        return module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
+        positions = output[0].numel() // module.out_features
+        bias = module.out_features if module.bias is not None else 0
+        return positions * (module.in_features * module.out_features + bias)
     if isinstance(module, nn.ReLU):
         return output[0].numel()
     if isinstance(module, (nn.AvgPool2d, nn.MaxPool2d)):
@@ -55,7 +61,8 @@ def module_macs(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
 
 @torch.no_grad()
 def count_exit_costs(model: MultiExitNetwork, input_shape: tuple[int, ...]) -> ExitCost:
-    """Trace one sample of ``input_shape`` (C, H, W) through the stages and count per-exit cost."""
+    """Trace one sample of ``input_shape`` ((C, H, W), or (L,) for token ids) through the stages and count
+    per-exit cost."""
     was_training = model.training
     model.eval()
     total = {"macs": 0, "params": 0}
@@ -64,6 +71,8 @@ def count_exit_costs(model: MultiExitNetwork, input_shape: tuple[int, ...]) -> E
     def hook(module: nn.Module, inputs: tuple, output) -> None:
         if len(list(module.children())) == 0:
             total["macs"] += module_macs(module, inputs, output)
+        if hasattr(module, "functional_macs"):
+            total["macs"] += module.functional_macs(inputs, output)
         if id(module) not in seen:
             seen.add(id(module))
             total["params"] += sum(p.numel() for p in module.parameters(recurse=False))
@@ -71,7 +80,7 @@ def count_exit_costs(model: MultiExitNetwork, input_shape: tuple[int, ...]) -> E
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
         device = next(model.parameters()).device
-        state = model.init_state(torch.zeros(1, *input_shape, device=device))
+        state = model.init_state(model.example_input(1, input_shape, device))
         macs, params = [], []
         for k in range(model.num_exits):
             state, _ = model.run_stage(k, state)
@@ -102,7 +111,7 @@ def measure_exit_latency(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    x = torch.randn(batch_size, *input_shape, device=device)
+    x = model.example_input(batch_size, input_shape, device, random=True)
     rows = []
     try:
         for i in range(warmup + repeats):

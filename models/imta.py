@@ -91,14 +91,8 @@ class IMTANetwork(MultiExitNetwork):
 
 
 def exit_feature_widths(base: MultiExitNetwork, input_shape: tuple[int, ...]) -> list[int]:
-    """Length of each head's feature vector, read off one forward pass of a dummy sample."""
-    was_training = base.training
-    base.eval()
-    with torch.no_grad():
-        device = next(base.parameters()).device
-        widths = [f.shape[1] for f in base.exit_features(torch.zeros(1, *input_shape, device=device))]
-    base.train(was_training)
-    return widths
+    """Length of each head's feature vector, read off one probe pass of a dummy sample."""
+    return [vector.shape[1] for vector in base.probe(input_shape)[2]]
 
 
 def build_imta(base: MultiExitNetwork, input_shape: tuple[int, ...], isc_detach: bool = False,

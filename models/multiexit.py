@@ -137,13 +137,20 @@ class MultiExitNetwork(nn.Module):
             logits.append(self.heads[k].classifier(embeddings[-1]))
         return logits, features, embeddings
 
+    def example_input(self, batch: int, input_shape: tuple[int, ...], device: torch.device | str,
+                      random: bool = False) -> torch.Tensor:
+        """A batch the network accepts, for probing shapes and counting costs: zeros (``random``: N(0, 1)) of
+        shape [batch, *input_shape]. Networks that read other inputs (token ids) override it."""
+        make = torch.randn if random else torch.zeros
+        return make(batch, *input_shape, device=device)
+
     def probe(self, input_shape: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """``staged_outputs`` of one zero sample in eval mode, without gradients: the shapes a method builds
-        its own layers for (the training mode is left as it was)."""
+        """``staged_outputs`` of one ``example_input`` sample in eval mode, without gradients: the shapes a method
+        builds its own layers for (the training mode is left as it was)."""
         was_training = self.training
         device = next(self.parameters()).device
         with torch.no_grad():
-            outputs = self.eval().staged_outputs(torch.zeros(1, *input_shape, device=device))
+            outputs = self.eval().staged_outputs(self.example_input(1, input_shape, device))
         self.train(was_training)
         return outputs
 

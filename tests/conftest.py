@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -151,3 +153,96 @@ def mongo_proxy(mongo_url):
     proxy = TcpProxy(int(mongo_url.rstrip("/").rsplit(":", 1)[1])).start()
     yield proxy
     proxy.stop()
+
+
+# ------------------------------------------------------------------------------ checks every backbone passes
+def assert_staged_equals_forward_with_samples_dropped(model, x: torch.Tensor) -> None:
+    """Stage by stage, dropping a different share of the samples after every exit, each exit's logits of the
+    samples still running equal ``forward``'s: what an early-exit runtime relies on."""
+    from models import select_state
+
+    with torch.no_grad():
+        full = model(x)
+        state, alive = model.init_state(x), torch.arange(len(x))
+        for k in range(model.num_exits):
+            state, logits = model.run_stage(k, state)
+            torch.testing.assert_close(logits, full[k][alive])
+            keep = torch.arange(len(alive)) % (k + 2) != 1
+            state, alive = select_state(state, keep), alive[keep]
+    assert len(alive) < len(x)
+
+
+def sgd_step_lowers_the_summed_exit_loss(model, x: torch.Tensor, y: torch.Tensor, lr: float = 0.1,
+                                         clip: float | None = None, every_parameter: bool = False) -> None:
+    """One SGD step on the sum of the exits' CE: finite gradients on every parameter (non-zero ones with
+    ``every_parameter``: each layer and head is on a path to the loss), then a lower loss."""
+    import torch.nn.functional as F
+
+    def loss() -> torch.Tensor:
+        return sum(F.cross_entropy(z, y) for z in model(x))
+
+    before = loss()
+    before.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert not every_parameter or p.grad.abs().sum() > 0, name
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    torch.optim.SGD(model.parameters(), lr=lr).step()
+    with torch.no_grad():
+        assert loss() < before.detach()
+
+
+# ------------------------------------------------------------------------------ text data (AG News, SST-2)
+WORDS = "the a news sport world business tech film good bad movie ( ) , . it 's plot fun dull".split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+AG_TRAIN, AG_TEST, SST_TRAIN = 60, 12, 24
+
+
+def sentence(rng: np.random.Generator, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS[:11] + WORDS[-4:], size=n_words))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A tiny WordPiece tokenizer saved as a BertTokenizerFast directory (no download)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]")
+    folder = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def text_root(tmp_path_factory):
+    """AG News as parquet (train) and csv (test); SST-2 as parquet, GLUE-like unlabelled test + test.tsv."""
+    folder = tmp_path_factory.mktemp("text_data")
+    rng = np.random.default_rng(0)
+    ag = folder / "ag_news"
+    ag.mkdir()
+    pd.DataFrame({"text": [sentence(rng, 3 + i % 9) for i in range(AG_TRAIN)],
+                  "label": np.arange(AG_TRAIN) % 4}).to_parquet(ag / "train.parquet")
+    pd.DataFrame({"text": ["NA"] + [sentence(rng, 4) for _ in range(AG_TEST - 1)],
+                  "label": np.arange(AG_TEST) % 4}).to_csv(ag / "test.csv", index=False)
+
+    sst = folder / "sst2"
+    sst.mkdir()
+    pd.DataFrame({"sentence": [sentence(rng, 2 + i % 5) for i in range(SST_TRAIN)],
+                  "label": np.arange(SST_TRAIN) % 2}).to_parquet(sst / "train.parquet")
+    pd.DataFrame({"sentence": ["good fun .", "dull plot .", "bad film"], "label": [1, 0, 0]}).to_parquet(
+        sst / "validation.parquet")
+    glue_test = ["it 's a good ( fun ) movie . ", "the plot ( world ) is dull", "tech news , good"]
+    pd.DataFrame({"sentence": glue_test, "label": [-1, -1, -1]}).to_parquet(sst / "test.parquet")
+    (sst / "test.tsv").write_text(  # original SST: other order, upper case, -LRB-/-RRB-, an extra sentence
+        "sentence\tlabel\nThe plot -LRB- world -RRB- is dull\t0\nextra sentence\t1\n"
+        "Tech news , good\t1\nIt 's a good -LRB- fun -RRB- movie .\t1\n", encoding="utf-8")
+    return str(folder)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import count_exit_costs, create_model, select_state
+from models import count_exit_costs, create_model
+from conftest import assert_staged_equals_forward_with_samples_dropped
 from models.registry import family_of
 from models.resnet_cifar import CifarResNet
 from models.wide_resnet import WideResNet
@@ -276,17 +277,7 @@ TINY_INPUT = {"wrn": (3, 16, 16), "vgg11_bn": (1, 32, 32), "resnet18": (3, 16, 1
 def test_staged_execution_equals_forward_with_samples_dropped(family):
     torch.manual_seed(0)
     model = TINY[family]().eval()
-    x = torch.randn(7, *TINY_INPUT[family])
-    with torch.no_grad():
-        full = model(x)
-        state = model.init_state(x)
-        alive = torch.arange(7)
-        for k in range(model.num_exits):
-            state, logits = model.run_stage(k, state)
-            torch.testing.assert_close(logits, full[k][alive])
-            keep = torch.arange(len(alive)) % (k + 2) != 1  # drop a different share after every exit
-            state, alive = select_state(state, keep), alive[keep]
-        assert len(alive) < 7
+    assert_staged_equals_forward_with_samples_dropped(model, torch.randn(7, *TINY_INPUT[family]))
 
 
 @pytest.mark.parametrize("family", list(TINY))

@@ -435,7 +435,8 @@ def test_dataset_name_aliases():
     assert data.canonical_name("CIFAR-10") == "cifar10"
     assert data.canonical_name("FashionMNIST") == "fashion_mnist"
     assert data.canonical_name("tiny-imagenet") == "tinyimagenet"
-    assert data.DATASETS == ("cifar10", "cifar100", "svhn", "fashion_mnist", "tinyimagenet", "imagenet", "synthetic")
+    assert data.DATASETS == ("cifar10", "cifar100", "svhn", "fashion_mnist", "tinyimagenet", "imagenet", "synthetic",
+                             "ag_news", "sst2")
 
 
 @pytest.mark.parametrize(

@@ -101,3 +101,19 @@ def test_curves_draw_the_policies_of_schedule_runs(chain, tmp_path, capsys):
     table = pd.read_csv(tmp_path / "policies.csv")
     assert {"eenet", "max_prob", "entropy", "patience"} <= set(table["policy"])
     assert "runs with exit-policy results" in capsys.readouterr().out
+
+
+def test_a_tiny_bert_trains_on_text_and_is_scheduled(tmp_path, text_root, tokenizer_dir):
+    """EENet's BERT path end to end on the tiny AG News files conftest writes: 4 exits, costs growing with
+    depth, every policy fitted on the record."""
+    text = dict(name="ag_news", root=text_root, tokenizer=tokenizer_dir, download=False, val_size=12,
+                batch_size=8, eval_batch_size=16, max_length=24, n_per_class=None)
+    bert = dict(vocab_size=32, hidden_size=16, layers=4, heads=2, intermediate_size=32, max_length=24,
+                exits=[1, 2, 3, 4])
+    trained = run(eenet, tmp_path, stage="train", data=text, model=dict(arch="bert_exits", bert=bert),
+                  optim=dict(lr=0.05))
+    record = ExitRecord.load(Path(trained.info["snapshot_dir"]) / "exit_record.npz")
+    assert record.num_exits == 4 and record.test_logits.shape[1:] == (12, 4)  # AG News: 4 classes
+    assert (record.macs[1:] > record.macs[:-1]).all() and (record.latency_ms > 0).all()
+    scheduled = run(eenet, tmp_path, stage="schedule", train_run=trained.info["uid"])
+    assert set(pd.DataFrame(scheduled.info["policies"])["policy"]) == {"eenet", "max_prob", "entropy", "patience"}

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from experiments.ingredients.model import RULES, build
 from experiments.validation import ConfigError, validate
-from models import count_exit_costs, create_model, select_state
+from models import count_exit_costs, create_model
+from conftest import assert_staged_equals_forward_with_samples_dropped, sgd_step_lowers_the_summed_exit_loss
 from models.eenet_heads import eenet_exit_head
 from models.registry import family_of
 
@@ -173,17 +173,7 @@ TINY = {RESNET: dict(width=4), DENSENET: dict(growth=4)}
 def test_staged_execution_equals_forward_with_samples_dropped(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=5, **TINY[name]).eval()
-    x = torch.randn(7, 3, 16, 16)
-    with torch.no_grad():
-        full = model(x)
-        state = model.init_state(x)
-        alive = torch.arange(7)
-        for k in range(model.num_exits):
-            state, logits = model.run_stage(k, state)
-            torch.testing.assert_close(logits, full[k][alive])
-            keep = torch.arange(len(alive)) % (k + 2) != 1  # drop a different share after every exit
-            state, alive = select_state(state, keep), alive[keep]
-        assert len(alive) < 7
+    assert_staged_equals_forward_with_samples_dropped(model, torch.randn(7, 3, 16, 16))
 
 
 @pytest.mark.parametrize("name", list(TINY))
@@ -193,20 +183,7 @@ def test_one_sgd_step_has_finite_gradients_everywhere_and_lowers_the_loss(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=5, **TINY[name]).train()
     x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def loss() -> torch.Tensor:
-        return sum(F.cross_entropy(z, y) for z in model(x))
-
-    before = loss()
-    before.backward()
-    for name_, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name_
-        assert p.grad.abs().sum() > 0, name_  # every layer, every head, is on a path to the loss
-    nn.utils.clip_grad_norm_(model.parameters(), 1e-2)
-    optimizer.step()
-    with torch.no_grad():
-        assert loss() < before.detach()
+    sgd_step_lowers_the_summed_exit_loss(model, x, y, lr=0.1, clip=1e-2, every_parameter=True)
 
 
 # ------------------------------------------------------------------------------------------- model ingredient

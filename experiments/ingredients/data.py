@@ -10,9 +10,9 @@ from experiments.validation import boolean, choice, either, integer, number, opt
 
 
 def data_config():
-    name = "fashion_mnist"  # cifar10, cifar100, svhn, fashion_mnist, tinyimagenet, imagenet or synthetic
+    name = "fashion_mnist"  # cifar10, cifar100, svhn, fashion_mnist, tinyimagenet, imagenet, synthetic, ag_news, sst2
     root = None  # folder holding the datasets (None: $MULTIEXIT_DATA or ./datasets)
-    download = True  # let torchvision download CIFAR/SVHN/Fashion-MNIST when missing
+    download = True  # let torchvision download CIFAR/SVHN/Fashion-MNIST (the HF hub: AG News, SST-2) when missing
     batch_size = 64  # training batch size
     eval_batch_size = 250  # validation/test batch size
     workers = 0  # DataLoader workers (folder datasets only; in-memory sets need none)
@@ -23,6 +23,8 @@ def data_config():
     drop_last = False  # drop the last incomplete training batch every epoch
     split_seed = 0  # seed of the train/validation split (independent of the run's seed)
     split_file = None  # reuse a saved split (.npz) instead of drawing one
+    tokenizer = "bert-base-uncased"  # text datasets: fast tokenizer, hub name or local folder (save_pretrained)
+    max_length = 512  # text datasets: truncate token sequences ([CLS] ... [SEP] included) to this length
     locals()  # sacred reads these names; this line tells linters they are used
 
 
@@ -48,6 +50,8 @@ RULES = scoped("data", dict(
     augment=boolean,
     split_seed=integer(min=0),
     split_file=optional(string),
+    tokenizer=string,
+    max_length=integer(min=2),
 ))
 
 FAST = dict(name="synthetic", batch_size=32, eval_batch_size=64, val_size=64, n_per_class=None, augment=True)

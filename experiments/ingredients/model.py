@@ -16,8 +16,9 @@ from sacred import Ingredient
 
 from experiments.ingredients import ingredient
 from experiments.validation import (Validator, boolean, choice, integer, list_of, merge_rules, number, optional,
-                                   scoped)
+                                   scoped, string)
 from models import MultiExitNetwork, create_model, list_models
+from models.bert import ATTENTION_MASKS, bert_exits
 from models.registry import family_of
 from models.resnet_cifar import SHORTCUTS
 from models.msdnet import INITS, MSDNET_PRESETS, PRUNE_MODES, STEP_MODES, TRANSITION_ROUNDINGS, MSDNet
@@ -49,6 +50,23 @@ MSDNET_RULES = dict(
 )
 
 
+BERT_KNOBS = {
+    name: p.default
+    for name, p in inspect.signature(bert_exits).parameters.items()
+    if p.default is not inspect.Parameter.empty and name not in ("in_channels", "image_size", "ge_scope")
+}
+BERT_RULES = dict(
+    pretrained=optional(string),  # a local directory or a hub name; None: random init from the sizes below
+    vocab_size=integer(min=1),
+    hidden_size=integer(min=1),
+    layers=integer(min=1),
+    heads=integer(min=1),
+    intermediate_size=integer(min=1),
+    max_length=integer(min=1),
+    exits=list_of(integer(min=1)),
+    attention_mask=choice(*ATTENTION_MASKS),
+)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -77,6 +95,7 @@ register_family("wrn", dict(dropout=0.0), dict(dropout=number(min=0, max=1, max_
 register_family("vgg", {}, {})
 register_family("resnet_bottleneck", dict(width=16), dict(width=integer(min=1)))
 register_family("densenet", dict(growth=12), dict(growth=integer(min=1)))
+register_family("bert", BERT_KNOBS, BERT_RULES)
 
 RULES = merge_rules({"model.arch": choice(*list_models())},
                     *(scoped(f"model.{name}", family.rules) for name, family in FAMILIES.items()))

@@ -221,6 +221,13 @@ def train(_run, _seed, config: dict) -> dict:
                           variant=model["arch"], meta=meta)
 
 
+def with_costs_in_both_units(table, record: ExitRecord):
+    """Each policy's average test cost in MACs and in measured ms/sample, from its exit fractions (a sample
+    that no exit takes, possible only with ``scheduler.unrouted=reference``, costs nothing, as released)."""
+    fractions = table[[f"frac_exit{k + 1}" for k in range(record.num_exits)]].to_numpy(np.float64)
+    return table.assign(cost_macs=fractions @ record.macs.astype(np.float64), cost_ms=fractions @ record.latency_ms)
+
+
 def schedule(_run, _seed, config: dict) -> dict:
     """Stage schedule: every policy at every budget, from the exit record alone; a table as the artifact."""
     parent, record = load_record(config, stores_of(_run.observers))
@@ -232,6 +239,7 @@ def schedule(_run, _seed, config: dict) -> dict:
     table = evaluate_policies(val, record.val_targets, test, record.test_targets, costs, budgets, settings,
                               policies=config["policies"])
     table.insert(2, "budget_fraction", table["budget"] / costs[-1])
+    table = with_costs_in_both_units(table, record)
     folder = run_folder(_run, NAME, config["train"]["snapshot_root"])
     path = Path(folder) / "policies.csv"
     table.to_csv(path, index=False)

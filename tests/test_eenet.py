@@ -56,8 +56,12 @@ def test_schedule_stage_records_every_policy_at_every_budget(chain):
     assert sorted(rows["budget_fraction"].round(6).unique()) == [0.5, 0.8]
     full = ExitRecord.load(Path(trained.info["snapshot_dir"]) / "exit_record.npz").macs[-1]
     assert sorted(rows["budget"].unique()) == pytest.approx([0.5 * full, 0.8 * full])  # fractions of the full MACs
-    fractions = rows[[c for c in rows.columns if c.startswith("frac_exit")]].sum(axis=1)
-    assert fractions.to_numpy() == pytest.approx(1.0)  # every test sample exits somewhere
+    fractions = rows[[c for c in rows.columns if c.startswith("frac_exit")]]
+    assert fractions.sum(axis=1).to_numpy() == pytest.approx(1.0)  # every test sample exits somewhere
+    record = ExitRecord.load(Path(trained.info["snapshot_dir"]) / "exit_record.npz")
+    by_hand = [sum(f * m for f, m in zip(row, record.latency_ms)) for row in fractions.to_numpy()]
+    assert rows["cost_ms"].to_numpy() == pytest.approx(by_hand)  # the cost in the other unit
+    assert rows["cost_macs"].to_numpy() == pytest.approx(rows["cost"].to_numpy())  # cost=macs: the same
     saved = pd.read_csv(Path(scheduled.info["snapshot_dir"]) / "policies.csv")
     assert saved["accuracy"].to_numpy() == pytest.approx(rows["accuracy"].to_numpy())
 

@@ -33,7 +33,6 @@ from experiments.tracking import run_cli
 from experiments.validation import choice, merge_rules, number, register_rules
 from losses import (COHORT_REDUCTIONS, AttentionTransferLoss, CohortDistillation, ExitCrossEntropy, FitNetsHintLoss,
                     CRDLoss, MHKDLoss, MultiExitLoss, TOFDLoss)
-from models import list_models
 from models.dih import HEAD_KINDS, IntermediateHeads
 from models.distill import StudentWithTeacher
 
@@ -69,7 +68,7 @@ def config():
 RULES = dict(stage=choice(*STAGES), heads=choice(*HEAD_KINDS), teacher_run=train_ing.SNAPSHOT_REF,
              heads_run=train_ing.SNAPSHOT_REF,
              hint_run=train_ing.SNAPSHOT_REF, assistant_run=train_ing.SNAPSHOT_REF,
-             student_arch=choice(*list_models()), method=choice(*METHODS), alpha=number(min=0, max=1),
+             student_arch=model_ing.architecture, method=choice(*METHODS), alpha=number(min=0, max=1),
              kd_temperature=number(min=0, min_open=True), cohort_reduction=choice(*COHORT_REDUCTIONS))
 register_rules(NAME, merge_rules(data_ing.RULES, model_ing.RULES, optim_ing.RULES, train_ing.RULES, RULES))
 

@@ -3,23 +3,26 @@
 Knobs live in one sub-dict per family (``model.msdnet``, ``model.resnet``, ...), so that switching ``arch``
 never feeds one family's knobs to another. A family registers its knobs once (``register_family``: the
 defaults ``print_config`` shows and the rules that check them); the registry says which family each
-architecture belongs to (``register_model(family=...)``). Every MSDNet preset of the papers is a named
+architecture belongs to (``register_model(family=...)``; a prefixed name such as ``timm/resnet18`` to the family
+of its prefix, ``model.timm``). Every MSDNet preset of the papers is a named
 config (``model.phuong_cifar``, ``model.cifar_anytime``, ...).
 """
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sacred import Ingredient
 
 from experiments.ingredients import ingredient
-from experiments.validation import (Validator, boolean, choice, integer, list_of, merge_rules, number, optional,
-                                   scoped, string)
+from experiments.validation import (Validator, boolean, choice, either, integer, list_of, merge_rules, number,
+                                   optional, satisfies, scoped, string)
 from models import MultiExitNetwork, create_model, list_models
 from models.bert import ATTENTION_MASKS, bert_exits
-from models.registry import family_of
+from models.registry import close_matches, family_of, is_known, list_prefixes, split_prefix
+from models.timm_backbone import HEADS as TIMM_HEADS
 from models.resnet_cifar import SHORTCUTS
 from models.msdnet import INITS, MSDNET_PRESETS, PRUNE_MODES, STEP_MODES, TRANSITION_ROUNDINGS, MSDNet
 
@@ -68,6 +71,33 @@ BERT_RULES = dict(
 )
 
 
+# timm/<name>: any timm model with feature stages (models/timm_backbone.py). ``kwargs`` go to timm.create_model.
+TIMM_KNOBS = dict(exits=None, head="linear", pretrained=False, kwargs={})
+TIMM_RULES = dict(
+    exits=optional(list_of(integer(min=0))),  # timm feature stage indices; None: every stage
+    head=choice(*TIMM_HEADS),
+    pretrained=either(boolean, string),  # True: timm's weights (downloaded); a path: a local timm checkpoint
+    kwargs=satisfies(lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v),
+                     "a dict of timm.create_model keyword arguments"),
+)
+
+
+def architecture(value: Any) -> str | None:
+    """A registered name, or ``<prefix>/<name>`` of a library's model (``timm/resnet18``), which only that library
+    can check: its names are too many to list."""
+    if not isinstance(value, str):
+        value = ""  # no close matches; the phrase lists the choices
+    if is_known(value):
+        return None
+    close = close_matches(value)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    prefix, _ = split_prefix(value)
+    if prefix:
+        return f"'{prefix}/' and the name of a {prefix} model{hint}"
+    prefixed = "".join(f" or '{p}/<a {p} model name>'" for p in list_prefixes())
+    return f"one of {', '.join(repr(n) for n in list_models())}{prefixed}{hint}"
+
+
 @dataclass(frozen=True)
 class Family:
     """The knobs every architecture of a family takes: their defaults and the rules that check them."""
@@ -96,8 +126,9 @@ register_family("vgg", {}, {})
 register_family("resnet_bottleneck", dict(width=16), dict(width=integer(min=1)))
 register_family("densenet", dict(growth=12), dict(growth=integer(min=1)))
 register_family("bert", BERT_KNOBS, BERT_RULES)
+register_family("timm", TIMM_KNOBS, TIMM_RULES)
 
-RULES = merge_rules({"model.arch": choice(*list_models())},
+RULES = merge_rules({"model.arch": architecture},
                     *(scoped(f"model.{name}", family.rules) for name, family in FAMILIES.items()))
 
 # A tiny two-scale, 3-exit MSDNet for tests and smoke runs (16 px synthetic images).
@@ -111,7 +142,7 @@ def msdnet_knobs(preset: str) -> dict:
 
 
 def model_config():
-    arch = "msdnet"  # a registered architecture (models.list_models()); its family's knobs are model.<family>
+    arch = "msdnet"  # a registered architecture (models.list_models()) or timm/<name>; knobs: model.<family>
     locals()  # sacred reads these names; this line tells linters they are used
 
 

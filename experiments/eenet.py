@@ -192,9 +192,9 @@ def absolute_budgets(config: dict, costs: np.ndarray) -> np.ndarray:
         raise ConfigError(f"stage=schedule needs budgets=[...]: exit costs of this run are {costs.tolist()} "
                           f"({COST_UNITS[config['cost']]}), or pass fractions with relative_budgets=True")
     budgets = np.asarray(config["budgets"], dtype=np.float64) * (costs[-1] if config["relative_budgets"] else 1)
-    outside = [b for b in budgets if not costs[0] <= b <= costs[-1]]
+    outside = [f"{b:g}" for b in budgets if not costs[0] <= b <= costs[-1]]
     if outside:
-        raise ConfigError(f"budgets {outside} lie outside [{costs[0]:g}, {costs[-1]:g}], the costs of exit 1 and "
+        raise ConfigError(f"budgets [{', '.join(outside)}] lie outside [{costs[0]:g}, {costs[-1]:g}], the costs of exit 1 and "
                           f"of the full network ({COST_UNITS[config['cost']]})")
     return budgets
 

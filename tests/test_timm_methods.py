@@ -1,0 +1,52 @@
+"""The papers' stage chains on a timm backbone through the ordinary config (``model.arch=timm/<name>``):
+IMTA's two stages, DIH's teacher -> heads -> student, EENet's train -> schedule."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experiments import dih, eenet, imta
+from experiments.tracking import RunFolderObserver
+
+NARROW = dict(arch="timm/resnet18", timm=dict(kwargs=dict(channels=[8, 16, 32, 64])))
+
+
+@pytest.fixture
+def run(tmp_path):
+    def run(experiment, **updates):
+        saved, threads = experiment.ex.observers, torch.get_num_threads()
+        experiment.ex.observers = [RunFolderObserver(str(tmp_path / "runs"))]
+        torch.set_num_threads(1)
+        try:
+            train = {"snapshot_root": str(tmp_path / "snapshots"), "latency_batch": 0}
+            result = experiment.ex.run(named_configs=["fast"], options={"--loglevel": "ERROR"},
+                                       config_updates={"train": train, "seed": 1, **updates})
+        finally:
+            experiment.ex.observers = saved
+            torch.set_num_threads(threads)
+        assert result.status == "COMPLETED"
+        return result
+    return run
+
+
+def test_imta_both_stages_on_a_timm_backbone(run):
+    ge = run(imta, stage="ge", model=NARROW)
+    assert ge.info["variant"] == "timm/resnet18+ge"
+    stage2 = run(imta, stage="imta", ge_run=ge.info["uid"])
+    assert stage2.info["parent"]["uid"] == ge.info["uid"] and len(stage2.info["exits"]) > 0
+
+
+def test_dih_chain_on_timm_teacher_and_student(run):
+    teacher = run(dih, stage="teacher", model=NARROW)
+    heads = run(dih, stage="heads", teacher_run=teacher.info["uid"])
+    assert heads.info["variant"] == "timm/resnet18+heads"
+    student = run(dih, stage="student", method="dih", teacher_run=teacher.info["uid"], heads_run=heads.info["uid"],
+                  student_arch="timm/resnet18")
+    assert student.info["variant"] == "dih: timm/resnet18 -> timm/resnet18"
+
+
+def test_eenet_train_and_schedule_on_a_timm_backbone(run):
+    trained = run(eenet, stage="train", model=NARROW)
+    scheduled = run(eenet, stage="schedule", train_run=trained.info["uid"], policies=["max_prob", "eenet"],
+                    budgets=[0.8, 0.9])  # timm's 64-wide stem makes exit 1 two thirds of the MACs
+    assert {row["policy"] for row in scheduled.info["policies"]} == {"max_prob", "eenet"}

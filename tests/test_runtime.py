@@ -13,7 +13,7 @@ from analysis.budgeted import CONFIDENCES as BUDGETED_CONFIDENCES
 from analysis.budgeted import DEFAULT_PS, apply_thresholds, exit_confidences, exit_fractions
 from analysis.eenet import SchedulerSettings, calibrate_scheduler, fit_scheduler, scheduler_features
 from analysis.exit_record import ExitRecord
-from models import count_exit_costs, create_model
+from models import IMTANetwork, build_imta, count_exit_costs, create_model
 from models.msdnet import msdnet
 from models.runtime import (
     CONFIDENCES,
@@ -38,6 +38,8 @@ BUILDERS = {
     "resnet8": lambda: create_model("resnet8", num_classes=N_CLASSES, width=4),
     "msdnet": tiny_msdnet,
     "bottleneck": lambda: create_model("resnet56_bottleneck", num_classes=N_CLASSES, width=4),
+    # IMTA's stage 2: its state carries the previous classifier's features to the next (ISC)
+    "imta": lambda: build_imta(tiny_msdnet(), (3, 16, 16)),
 }
 
 
@@ -110,7 +112,8 @@ def block_batches(model) -> tuple[list, dict[int, list[int]]]:
     def hook(k):
         return lambda module, args: seen[k].append(tree_leaves(args)[0].shape[0])
 
-    return [b.register_forward_pre_hook(hook(k)) for k, b in enumerate(model.blocks)], seen
+    blocks = (model.base if isinstance(model, IMTANetwork) else model).blocks  # IMTA's stages run its base's blocks
+    return [b.register_forward_pre_hook(hook(k)) for k, b in enumerate(blocks)], seen
 
 
 # ---------------------------------------------------------------------------------------- building blocks

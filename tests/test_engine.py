@@ -609,3 +609,17 @@ def test_resume_after_an_interruption_matches_a_straight_run(experiment, monkeyp
     assert resumed.info["resumed_from"]["uid"] == killed.info["uid"]
     assert resumed.status == "COMPLETED"
     _assert_same_training(straight, resumed)
+
+
+def test_a_non_finite_loss_between_checks_is_caught_at_the_epoch_end_naming_it(monkeypatch):
+    """Finiteness is summed on the device and read every FINITE_CHECK_EVERY steps and at the epoch end: a NaN
+    in the last, unchecked steps of an epoch is still reported, with its epoch."""
+    from experiments.engine import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "FINITE_CHECK_EVERY", 1000)
+    good = (torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    bad = (torch.full((4, 3, 8, 8), float("nan")), torch.tensor([0, 1, 2, 3]))
+    model = create_model("resnet8", num_classes=4, width=4)
+    trainer = make_trainer(model, FixedBatches(good, good, bad))
+    with pytest.raises(FloatingPointError, match="in epoch 1, by step 3"):
+        trainer.fit(1)

@@ -31,6 +31,9 @@ SELECT_MODES = ("best_val", "last", "lowest_test_loss")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+# steps between checks that the training loss is finite: each check waits for the device
+FINITE_CHECK_EVERY = 50
+
 class StopRequested(Exception):
     """Raised at a step boundary after SIGINT/SIGTERM, so the state saved there resumes exactly."""
 
@@ -217,16 +220,18 @@ class Trainer:
         self.loss_fn.start_epoch(self.epoch)
         n_exits = self.model.num_exits
         correct = torch.zeros(n_exits, device=self.device)
-        loss_sum, seen, start = 0.0, 0, time.perf_counter()
-        for x, y in self._progress_bar(self.train_loader):
+        # summed and checked on the device: the host waits for it every FINITE_CHECK_EVERY steps, not every step
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        seen, step, start = 0, 0, time.perf_counter()
+        for step, (x, y) in enumerate(self._progress_bar(self.train_loader), 1):
             x = to_memory_format(x, self.channels_last)
             with autocast(self.device, self.amp):
                 outputs = self.model(x)
                 loss = self.loss_fn(outputs, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {loss.item()} at epoch {self.epoch + 1}; try a lower optim.lr or amp='off'"
-                )
+            finite &= torch.isfinite(loss.detach())
+            if step % FINITE_CHECK_EVERY == 0:
+                self._check_finite(finite, step)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -235,16 +240,24 @@ class Trainer:
             self.loss_fn.after_batch(outputs)
             with torch.no_grad():
                 correct += torch.stack([(z.argmax(1) == y).sum() for z in outputs])
-            loss_sum += loss.item() * len(y)
+            loss_sum += loss.detach().double() * len(y)
             seen += len(y)
             if self.stop_signal is not None:
+                self._check_finite(finite, step)  # never save a state that a non-finite loss has stepped into
                 raise StopRequested
+        self._check_finite(finite, step)
         elapsed = time.perf_counter() - start
-        metrics = {"train.loss": loss_sum / max(seen, 1), "train.images_per_sec": seen / max(elapsed, 1e-9)}
+        metrics = {"train.loss": loss_sum.item() / max(seen, 1), "train.images_per_sec": seen / max(elapsed, 1e-9)}
         metrics.update({f"train.acc.exit{k + 1}": (c / max(seen, 1)).item() for k, c in enumerate(correct)})
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics.update({f"train.{k}": v for k, v in self.loss_fn.extra_metrics().items()})
         return metrics
+
+    def _check_finite(self, finite: torch.Tensor, step: int) -> None:
+        """A clear error once a training loss has been NaN or infinite (the one host sync of this check)."""
+        if not bool(finite):
+            raise FloatingPointError(f"the training loss became NaN or infinite in epoch {self.epoch + 1}, by step "
+                                     f"{step}; try a lower optim.lr or amp='off'")
 
     def _progress_bar(self, batches: Iterable) -> Iterable:
         """A bar on the terminal the process started on (``engine.console``), never in sacred's captured output.

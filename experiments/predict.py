@@ -2,6 +2,7 @@
 
     python -m experiments.predict <uid|run id|snapshot path> --budget 0.5 [--experiment imta] [--split test]
     python -m experiments.predict <run> --fixed-exit 2          # everyone leaves at exit 2 (0-based)
+    python -m experiments.predict <run> --budget 0.5 --images photos/   # a folder of images, one line each
 
 The run's snapshot gives the network and its data split; its exit record's validation logits fit the
 thresholds (``models.runtime.ThresholdPolicy.from_record``) for a budget given as a fraction of the full
@@ -26,6 +27,7 @@ from experiments.engine.hardware import resolve_device
 from experiments.ingredients import data as data_ing
 from experiments.ingredients import model as model_ing
 from experiments.references import FileStore, RunReferenceError, resolve_run
+from data.batch_ops import normalize_uint8
 from models.cost import synchronize
 from models.multiexit import MultiExitNetwork
 from models.runtime import CONFIDENCES, FixedExitPolicy, ThresholdPolicy, run_early_exit
@@ -41,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     policy.add_argument("--fixed-exit", type=int, help="every sample leaves at this exit (0-based)")
     parser.add_argument("--confidence", default="max_prob", choices=sorted(CONFIDENCES))
     parser.add_argument("--split", default="test", choices=("test", "val"))
+    parser.add_argument("--images", help="a folder of images (png, jpg, ...) to classify instead of a split")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the run's eval batch size)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--snapshot-root", default="snapshots")
@@ -106,6 +109,32 @@ def classify(net: MultiExitNetwork, loader, policy, device: torch.device) -> dic
             "macs": torch.cat(macs).numpy(), **seconds}
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def load_images(folder: str, loader) -> tuple[list[str], torch.Tensor]:
+    """The folder's images as the run's inputs: its channels and size, normalised as its test split is."""
+    from PIL import Image
+
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    if not hasattr(loader, "images"):
+        raise ValueError("--images needs a run on an in-memory image dataset (its normalisation and size are known)")
+    channels, size = loader.images.shape[1], loader.images.shape[2]
+    mode = "L" if channels == 1 else "RGB"
+    arrays = [np.asarray(Image.open(p).convert(mode).resize((size, size))) for p in paths]
+    batch = torch.from_numpy(np.stack(arrays)).reshape(len(paths), size, size, channels).permute(0, 3, 1, 2)
+    return [p.name for p in paths], normalize_uint8(batch.contiguous().to(loader.device), loader.mean, loader.std)
+
+
+def classify_images(net: MultiExitNetwork, names: list[str], x: torch.Tensor, policy) -> str:
+    """One line per image: its class index, the exit it left at and the MACs it cost."""
+    result = run_early_exit(net, x, policy, keep_logits=False)
+    return "\n".join(f"{name}: class {int(c)}, exit {int(k) + 1}, {m / 1e6:.3f} MMACs"
+                     for name, c, k, m in zip(names, result.predictions, result.exit_index, result.macs_spent))
+
+
 def report(out: dict, record: ExitRecord) -> str:
     n, k = len(out["correct"]), record.num_exits
     histogram = np.bincount(out["exit_index"], minlength=k) / n
@@ -131,9 +160,13 @@ def main(argv: list[str] | None = None) -> int:
             data["eval_batch_size"] = args.batch
         bundle = data_ing.build(data, device, seed=0)
         net = load_network(run.contents, bundle.num_classes, bundle, device)
+        images = load_images(args.images, bundle.test) if args.images else None
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if images is not None:
+        print(classify_images(net, *images, policy))
+        return 0
     loader = bundle.test if args.split == "test" else bundle.val
     print(f"run {run.uid} ({run.contents['meta'].get('variant')}), {args.split} split, "
           f"{'fixed exit ' + str(args.fixed_exit) if args.fixed_exit is not None else f'budget {args.budget:g}'}")

@@ -65,3 +65,19 @@ def test_an_unknown_run_is_one_line(trained, capsys):
     assert predict.main(["nope", "--experiment", "eenet", "--snapshot-root", str(root / "snapshots"),
                          "--budget", "0.5"]) == 2
     assert "no eenet run 'nope'" in capsys.readouterr().err
+
+
+def test_a_folder_of_images_is_classified_one_line_each(trained, tmp_path, capsys):
+    from PIL import Image
+
+    root, run = trained
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    assert predict.main([run.info["uid"], "--experiment", "eenet", "--snapshot-root", str(root / "snapshots"),
+                         "--fixed-exit", "1", "--images", str(folder)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("img")]
+    assert len(lines) == 3 and all(", exit 2, " in line for line in lines)

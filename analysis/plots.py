@@ -15,8 +15,8 @@ from matplotlib.figure import Figure
 from analysis.curves import DEFAULT_GROUP, group_label
 
 
-def _figure() -> tuple[Figure, object]:
-    fig = Figure(figsize=(6.4, 4.6), dpi=120)
+def _figure(size: tuple[float, float] = (6.4, 4.6)) -> tuple[Figure, object]:
+    fig = Figure(figsize=size, dpi=120)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
 
@@ -33,12 +33,12 @@ def _draw(ax, table: pd.DataFrame, group_by: Sequence[str], x: str, y: str, y_st
 
 
 def _finish(fig: Figure, ax, title: str, path: str | Path | None,
-            xlabel: str = "average multiply-adds per test sample (MMACs)") -> Figure:
+            xlabel: str = "average multiply-adds per test sample (MMACs)", legend_size: str = "small") -> Figure:
     ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -98,22 +98,12 @@ def plot_curves(curves, out_dir: str | Path) -> list[Path]:
 def plot_policies(table: pd.DataFrame, path: str | Path | None, group_by: Sequence[str],
                   unit: str = "cost") -> Figure:
     """Test top-1 vs the cost spent per test sample, one line per group, policy and protocol, ±std bands."""
-    fig = Figure(figsize=(6.8, 4.8), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _figure((6.8, 4.8))
     for key, g in table.groupby([*group_by, "policy", "protocol"], sort=True, dropna=False):
         g = g.sort_values("budget_fraction")
         ys, std = 100 * g["accuracy_mean"], 100 * g["accuracy_std"].fillna(0.0)
         label = f"{key[-2]} ({key[-1]}), {group_label(key[:-2], group_by)} (n={int(g['n_runs'].max())})"
         (line,) = ax.plot(g["cost_mean"], ys, marker="o", markersize=4, label=label)
         ax.fill_between(g["cost_mean"], ys - std, ys + std, color=line.get_color(), alpha=0.15, linewidth=0)
-    ax.set_xlabel(f"average cost per test sample ({unit})")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title("Exit policies at fixed budgets (test)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="x-small")
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    return fig
+    return _finish(fig, ax, "Exit policies at fixed budgets (test)", path, f"average cost per test sample ({unit})",
+                   legend_size="x-small")

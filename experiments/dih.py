@@ -111,8 +111,8 @@ def quick():
 def fast():
     """Seconds, for tests: tiny synthetic data, a ResNet-8 of width 4, two epochs."""
     data = data_ing.FAST
-    model = dict(arch="resnet8", resnet=dict(width=4))
-    optim = dict(lr=0.05, schedule="cosine")
+    model = model_ing.FAST_RESNET
+    optim = optim_ing.FAST
     train = train_ing.FAST
     locals()  # sacred reads these names; this line tells linters they are used
 

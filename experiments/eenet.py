@@ -152,8 +152,8 @@ def quick():
 def fast():
     """Seconds, for tests: tiny synthetic data, a 3-exit ResNet-8 of width 4, two epochs; a short scheduler fit."""
     data = data_ing.FAST
-    model = dict(arch="resnet8", resnet=dict(width=4))
-    optim = dict(lr=0.05, schedule="cosine")
+    model = model_ing.FAST_RESNET
+    optim = optim_ing.FAST
     train = train_ing.FAST
     budgets = [0.5, 0.8]
     relative_budgets = True

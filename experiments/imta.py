@@ -123,7 +123,7 @@ def fast():
     """Seconds, for tests: tiny synthetic data, a 3-exit two-scale MSDNet, two epochs."""
     data = data_ing.FAST
     model = dict(arch="msdnet", msdnet=dict(model_ing.msdnet_knobs("cifar_anytime"), **model_ing.FAST_MSDNET))
-    optim = dict(lr=0.05, schedule="cosine")
+    optim = optim_ing.FAST
     train = train_ing.FAST
     locals()  # sacred reads these names; this line tells linters they are used
 

@@ -107,7 +107,7 @@ def fast():
     """Seconds, for tests: tiny synthetic data, a 3-exit two-scale MSDNet, two epochs."""
     data = data_ing.FAST
     model = dict(msdnet=model_ing.FAST_MSDNET)
-    optim = dict(lr=0.05, schedule="cosine")
+    optim = optim_ing.FAST
     train = train_ing.FAST
     locals()  # sacred reads these names; this line tells linters they are used
 

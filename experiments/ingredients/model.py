@@ -131,6 +131,9 @@ register_family("timm", TIMM_KNOBS, TIMM_RULES)
 RULES = merge_rules({"model.arch": architecture},
                     *(scoped(f"model.{name}", family.rules) for name, family in FAMILIES.items()))
 
+# A 3-exit ResNet-8 of width 4 for tests and smoke runs of the experiments that train ResNets.
+FAST_RESNET = dict(arch="resnet8", resnet=dict(width=4))
+
 # A tiny two-scale, 3-exit MSDNet for tests and smoke runs (16 px synthetic images).
 FAST_MSDNET = dict(n_blocks=3, base=1, step=1, stepmode="even", n_channels=4, growth_rate=4, gr_factor=[1, 2],
                    bn_factor=[1, 2], prune="min", head_width=8, n_scales=2)

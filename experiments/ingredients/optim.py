@@ -35,6 +35,10 @@ RULES = scoped("optim", dict(
 ))
 
 
+# What every experiment's ``fast`` config trains with: a few steps at a moderate rate, cosine decay.
+FAST = dict(lr=0.05, schedule="cosine")
+
+
 def optim_ingredient(**defaults) -> Ingredient:
     """An ``optim`` ingredient whose defaults are the paper's."""
     return ingredient("optim", optim_config, defaults)

@@ -5,12 +5,13 @@ Modules:
     sources   torchvision archives and Debian's Fashion-MNIST IDX files -> uint8 tensors
     idx       the IDX file reader
     synthetic a tiny learnable dataset for tests and smoke runs
+    longtail  long-tailed subsets (CIFAR-100-LT) picked as JEI-DNN picks them
     splits    seeded class-balanced train/val split; save/load as .npz
     memory    in-memory loader with batched tensor augmentation
     folders   ImageFolder-style ImageNet / Tiny-ImageNet with a DataLoader
     text      AG News / SST-2: local or hub files, EENet's splits, tokenised once, a padding loader
     ordering  a loader's generator and epoch position (exact resume)
-    batch_ops normalise / translate / flip whole batches
+    batch_ops normalise / translate / flip / resize whole batches
     bundle    build_data and DataBundle
 """
 from data.bundle import DataBundle, build_data

@@ -1,4 +1,4 @@
-"""Whole-batch image operations on tensors (on whatever device the batch is): normalise, translate, flip.
+"""Whole-batch image operations on tensors (on whatever device the batch is): normalise, translate, flip, resize.
 
 The random draws (offsets, flip decisions) are made by the caller, so a loader can draw them from its
 own generator and replay them exactly.
@@ -41,3 +41,11 @@ def translate(images: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Te
 def hflip(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """Mirror left-right the images whose ``flip`` entry (bool [B]) is True."""
     return torch.where(flip.to(images.device).view(-1, 1, 1, 1), images.flip(3), images)
+
+
+def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of a float batch to ``size`` x ``size``, as torchvision's Resize: half-pixel centres
+    (PIL's and torchvision's convention) and antialiasing, which only matters when shrinking."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)

@@ -21,6 +21,8 @@ class DataBundle:
     """Everything ``build_data`` makes.
 
     ``train``/``val``/``test`` yield (x float32 normalised [B, C, H, W] on the device, y int64 [B]),
+    H = W = ``image_size`` (the resized size when ``resize`` is set: what models are built for; x is
+    pixels / 255 with ``normalize=False``),
     have ``len()`` (batches) and ``.dataset_size`` (images); ``val`` is None without a validation
     split. ``split`` holds the 'train' and 'val' indices into the official training set (save it with
     ``save_split`` and pass it back as ``split_file`` to reuse it).
@@ -69,6 +71,8 @@ def build_data(
     loader_seed: int | None = None,
     tokenizer: str = "bert-base-uncased",
     max_length: int = 512,
+    resize: int | None = None,
+    normalize: bool = True,
 ) -> DataBundle:
     """Build the loaders of dataset ``name`` (one of ``data.DATASETS``).
 
@@ -97,8 +101,16 @@ def build_data(
             ``torch.initial_seed()``, so a seeded run (e.g. sacred's) stays reproducible.
         tokenizer: text only: hub name or local folder of a fast tokenizer.
         max_length: text only: truncate token sequences (with [CLS]/[SEP]) to this length.
+        resize: in-memory images only: bilinearly resize every batch (train, val, test) on the device to
+            resize x resize, after the augmentation; ``image_size`` becomes resize. JEI-DNN's 32 -> 224.
+            Resizing after the translation makes pad 4 at 32 px JEI's RandomCrop(224, padding=28) at
+            224 px up to the interpolation at the border (shifts in steps of 7 px; see data.memory).
+        normalize: images only: False feeds pixels / 255 in [0, 1] (mean 0, std 1; JEI's SVHN uses
+            ToTensor only); translation then fills with black.
     """
     spec = get_spec(name)
+    if resize is not None and spec.kind != "memory":
+        raise ValueError(f"resize applies to in-memory image datasets only; {spec.name!r} is a {spec.kind} dataset")
     root_path = Path(root) if root is not None else default_root()
     split_args = dict(
         split_file=split_file, val_size=val_size, class_balanced=class_balanced, n_per_class=n_per_class,
@@ -109,7 +121,7 @@ def build_data(
         seed=torch.initial_seed() if loader_seed is None else int(loader_seed),
     )
     if spec.kind == "folder":
-        return _folder_bundle(spec, root_path, split_args, workers=workers, **loader_args)
+        return _folder_bundle(spec, root_path, split_args, workers=workers, normalize=normalize, **loader_args)
     if spec.kind == "text":
         return _text_bundle(spec, root_path, split_args, download=download, tokenizer=tokenizer, max_length=max_length,
                             **loader_args)
@@ -117,7 +129,7 @@ def build_data(
         spec.name, root_path, download, synthetic_size=synthetic_size, synthetic_classes=synthetic_classes,
         synthetic_image_size=synthetic_image_size,
     )
-    return _memory_bundle(spec, arrays, split_args, **loader_args)
+    return _memory_bundle(spec, arrays, split_args, resize=resize, normalize=normalize, **loader_args)
 
 
 def _choose_split(labels: np.ndarray, split_file, val_size, class_balanced, n_per_class, seed) -> dict[str, np.ndarray]:
@@ -126,9 +138,16 @@ def _choose_split(labels: np.ndarray, split_file, val_size, class_balanced, n_pe
     return make_split(labels, val_size=val_size, class_balanced=class_balanced, n_per_class=n_per_class, seed=seed)
 
 
+def _pixel_stats(mean, std, normalize: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The loaders' mean/std: the dataset's, or 0 and 1 so that batches are pixels / 255 (normalize=False)."""
+    if normalize:
+        return tuple(mean), tuple(std)
+    return (0.0,) * len(mean), (1.0,) * len(std)
+
+
 def _memory_bundle(
-    spec: DatasetSpec, arrays: RawArrays, split_args: dict, *, batch_size, eval_batch_size, augment, drop_last, device,
-    seed,
+    spec: DatasetSpec, arrays: RawArrays, split_args: dict, *, resize, normalize, batch_size, eval_batch_size, augment,
+    drop_last, device, seed,
 ) -> DataBundle:
     images, labels = arrays.train_images, arrays.train_labels
     split = _choose_split(labels.numpy(), **split_args)
@@ -136,9 +155,10 @@ def _memory_bundle(
     if mean is None:  # synthetic: statistics of its own training images
         pixels = images.to(torch.float64).div(255.0)
         mean, std = tuple(pixels.mean(dim=(0, 2, 3)).tolist()), tuple(pixels.std(dim=(0, 2, 3)).tolist())
+    mean, std = _pixel_stats(mean, std, normalize)
     pad = max(1, images.shape[-1] // 8) if spec.name == "synthetic" else spec.pad  # synthetic size varies
 
-    common = dict(mean=mean, std=std, device=device)
+    common = dict(mean=mean, std=std, device=device, resize=resize)
     train = TensorLoader(
         images, labels, batch_size=batch_size, indices=split["train"], shuffle=True, drop_last=drop_last,
         pad=pad if augment else 0, flip=spec.flip and augment, seed=seed, **common,
@@ -149,13 +169,13 @@ def _memory_bundle(
     test = TensorLoader(arrays.test_images, arrays.test_labels, batch_size=eval_batch_size, **common)
     return DataBundle(
         train=train, val=val, test=test, num_classes=spec.num_classes or int(labels.max()) + 1,
-        in_channels=images.shape[1], image_size=images.shape[-1], split=split, name=spec.name,
+        in_channels=images.shape[1], image_size=resize or images.shape[-1], split=split, name=spec.name,
     )
 
 
 def _folder_bundle(
-    spec: DatasetSpec, root: Path, split_args: dict, *, workers, batch_size, eval_batch_size, augment, drop_last,
-    device, seed,
+    spec: DatasetSpec, root: Path, split_args: dict, *, workers, normalize, batch_size, eval_batch_size, augment,
+    drop_last, device, seed,
 ) -> DataBundle:
     folder = find_dataset_folder(spec, root)
     train_samples, classes = scan_train(folder / "train")
@@ -164,7 +184,8 @@ def _folder_bundle(
 
     size = spec.image_size
     train_tf, eval_tf = folder_transforms(size, train=augment), folder_transforms(size, train=False)
-    common = dict(mean=spec.mean, std=spec.std, workers=workers, device=device)
+    mean, std = _pixel_stats(spec.mean, spec.std, normalize)
+    common = dict(mean=mean, std=std, workers=workers, device=device)
     pick = lambda idx: [train_samples[i] for i in idx]  # noqa: E731
     train = FolderLoader(
         SampleList(pick(split["train"]), train_tf), batch_size=batch_size, shuffle=True, drop_last=drop_last,

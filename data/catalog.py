@@ -16,6 +16,15 @@ in [0, 1] units:
   used for Tiny-ImageNet, which is drawn from ImageNet.
 * synthetic: computed from its own training images when built.
 
+CIFAR-100-LT ('cifar100_lt', JEI-DNN's long-tailed set, papers/dih-eenet-jei.md 3.8) is cut from the
+CIFAR-100 files (same folder, same download, same statistics) by ``data.longtail``: exponential
+profile, imbalance 0.01, class c keeps floor(500 * 0.01 ** (c / 99)) training images (500 ... 5,
+10 847 in all). The test set is long-tailed the same way (floor(100 * 0.01 ** (c / 99)) per class,
+2 131 images): most LT papers test on the balanced CIFAR-100 test set; this follows JEI, so its test
+accuracy is dominated by the head classes. The validation split is drawn from the LT training set as
+for every dataset; JEI holds out 1 000 images uniformly (``class_balanced=False``: a class-balanced
+1 000 would take 10 images from tail classes that have 5).
+
 AG News and SST-2 (kind 'text', ``data.text``) are token sequences: no pixel statistics, and
 ``in_channels``/``image_size`` are placeholders (1 and the default ``max_length`` 512).
 """
@@ -28,6 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from data.arrays import RawArrays
+from data.longtail import CIFAR100_LT_IMBALANCE, long_tailed
 from data.sources import load_cifar, load_fashion_mnist, load_svhn
 from data.synthetic import make_synthetic
 
@@ -80,6 +90,9 @@ CATALOG: dict[str, DatasetSpec] = {
         DatasetSpec("synthetic", "memory", None, 3, 16, None, None, pad=2, flip=True),
         DatasetSpec("ag_news", "text", 4, 1, 512, None, None),
         DatasetSpec("sst2", "text", 2, 1, 512, None, None),
+        DatasetSpec(
+            "cifar100_lt", "memory", 100, 3, 32, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761), pad=4, flip=True
+        ),
     )
 }
 
@@ -89,7 +102,7 @@ _ALIASES = {name.replace("_", ""): name for name in CATALOG}
 
 
 def canonical_name(name: str) -> str:
-    """Canonical dataset name; case, '-' and '_' are ignored ('CIFAR-10', 'FashionMNIST', 'tiny_imagenet').
+    """Canonical dataset name; case, '-' and '_' are ignored ('CIFAR-10', 'CIFAR-100-LT', 'FashionMNIST').
 
     Raises ValueError naming every valid choice and the closest matches.
     """
@@ -114,6 +127,7 @@ def default_root() -> Path:
 _ARRAY_LOADERS: dict[str, Callable[[Path, bool], RawArrays]] = {
     "cifar10": lambda root, download: load_cifar(root, download, classes=10),
     "cifar100": lambda root, download: load_cifar(root, download, classes=100),
+    "cifar100_lt": lambda root, download: long_tailed(load_cifar(root, download, classes=100), CIFAR100_LT_IMBALANCE),
     "svhn": load_svhn,
     "fashion_mnist": load_fashion_mnist,
 }

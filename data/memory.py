@@ -2,20 +2,26 @@
 
 Per batch: gather the uint8 images, move them to the device (4x less traffic than float), convert to
 float and normalise, then (training only) translate by random integer offsets with zero fill and
-randomly mirror. Translating after normalising makes the fill the dataset mean colour, Phuong &
-Lampert's choice (papers/phuong-lampert-and-imta.md 1.3). No PIL, no worker processes.
+randomly mirror, and last (optionally, every split) resize bilinearly to a square size. Translating
+after normalising makes the fill the dataset mean colour, Phuong & Lampert's choice
+(papers/phuong-lampert-and-imta.md 1.3). No PIL, no worker processes.
+
+Resizing after the translation is what makes pad 4 at 32 px, resized to 224, JEI-DNN's
+Resize(224) + RandomCrop(224, padding=28): the same shift range (+-28 px at 224) up to the
+interpolation at the border, though in steps of 7 px rather than 1, and filled with the mean colour
+(black when not normalised) where the reference pads black.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from data.batch_ops import hflip, normalize_uint8, translate
+from data.batch_ops import hflip, normalize_uint8, resize_square, translate
 from data.ordering import SeededLoader
 
 
 class TensorLoader(SeededLoader):
-    """Iterable over (x float32 [B, C, H, W] normalised, y int64 [B]) batches on ``device``.
+    """Iterable over (x float32 [B, C, H, W] normalised, y int64 [B]) batches on ``device``; H = W = resize if set.
 
     Args:
         images: uint8 [N, C, H, W] (kept on the CPU; shared, never copied).
@@ -29,6 +35,7 @@ class TensorLoader(SeededLoader):
         drop_last: drop the last incomplete batch.
         device: where batches go.
         seed: seeds the loader's own generator (order and augmentation draws).
+        resize: resize every batch to resize x resize after the augmentation (None: stored size).
     """
 
     def __init__(
@@ -46,6 +53,7 @@ class TensorLoader(SeededLoader):
         drop_last: bool = False,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        resize: int | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
@@ -58,6 +66,7 @@ class TensorLoader(SeededLoader):
             raise ValueError("a loader needs at least one image")
         self.pad = int(pad)
         self.flip = bool(flip)
+        self.resize = None if resize is None else int(resize)
         self.batch_indices: torch.Tensor | None = None  # image indices of the last batch (CRD's memory bank)
 
     @property
@@ -97,6 +106,8 @@ class TensorLoader(SeededLoader):
                 x = translate(x, offsets[part], self.pad)
             if flips is not None:
                 x = hflip(x, flips[part])
+            if self.resize is not None:
+                x = resize_square(x, self.resize)
             self._order.batch_done()
             self.batch_indices = idx
             yield x, y
@@ -105,5 +116,5 @@ class TensorLoader(SeededLoader):
     def __repr__(self) -> str:
         return (
             f"TensorLoader(images={self.dataset_size}, batch_size={self.batch_size}, batches={len(self)}, "
-            f"shuffle={self.shuffle}, pad={self.pad}, flip={self.flip}, device={self.device})"
+            f"shuffle={self.shuffle}, pad={self.pad}, flip={self.flip}, resize={self.resize}, device={self.device})"
         )

@@ -436,7 +436,7 @@ def test_dataset_name_aliases():
     assert data.canonical_name("FashionMNIST") == "fashion_mnist"
     assert data.canonical_name("tiny-imagenet") == "tinyimagenet"
     assert data.DATASETS == ("cifar10", "cifar100", "svhn", "fashion_mnist", "tinyimagenet", "imagenet", "synthetic",
-                             "ag_news", "sst2")
+                             "ag_news", "sst2", "cifar100_lt")
 
 
 @pytest.mark.parametrize(

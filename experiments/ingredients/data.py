@@ -10,7 +10,8 @@ from experiments.validation import boolean, choice, either, integer, number, opt
 
 
 def data_config():
-    name = "fashion_mnist"  # cifar10, cifar100, svhn, fashion_mnist, tinyimagenet, imagenet, synthetic, ag_news, sst2
+    name = "fashion_mnist"  # cifar10, cifar100, cifar100_lt, svhn, fashion_mnist, tinyimagenet, imagenet, synthetic,
+    # ag_news, sst2
     root = None  # folder holding the datasets (None: $MULTIEXIT_DATA or ./datasets)
     download = True  # let torchvision download CIFAR/SVHN/Fashion-MNIST (the HF hub: AG News, SST-2) when missing
     batch_size = 64  # training batch size
@@ -25,6 +26,8 @@ def data_config():
     split_file = None  # reuse a saved split (.npz) instead of drawing one
     tokenizer = "bert-base-uncased"  # text datasets: fast tokenizer, hub name or local folder (save_pretrained)
     max_length = 512  # text datasets: truncate token sequences ([CLS] ... [SEP] included) to this length
+    resize = None  # in-memory images: resize batches to this square size after augmentation (JEI: 224), None: keep
+    normalize = True  # images: subtract the mean, divide by the std; False feeds pixels / 255 (JEI's SVHN)
     locals()  # sacred reads these names; this line tells linters they are used
 
 
@@ -52,6 +55,8 @@ RULES = scoped("data", dict(
     split_file=optional(string),
     tokenizer=string,
     max_length=integer(min=2),
+    resize=optional(integer(min=1)),
+    normalize=boolean,
 ))
 
 FAST = dict(name="synthetic", batch_size=32, eval_batch_size=64, val_size=64, n_per_class=None, augment=True)
@@ -69,10 +74,12 @@ def build(config: dict, device: torch.device, seed: int) -> DataBundle:
     return build_data(**config, device=device, loader_seed=seed)
 
 
-# What fixes a run's dataset and train/validation split; a later stage takes these from its parent.
-SPLIT_KEYS = ("name", "n_per_class", "val_size", "class_balanced", "split_seed")
+# What fixes a run's dataset, its train/validation split and what its network sees (size, scaling); a later
+# stage takes these from its parent.
+SPLIT_KEYS = ("name", "n_per_class", "val_size", "class_balanced", "split_seed", "resize", "normalize")
 
 
 def inherit_split(config: dict, parent: dict, split_file) -> dict:
-    """``config`` with the parent run's dataset and its saved split (loader settings stay this run's)."""
+    """``config`` with the parent run's dataset, its saved split and its input size and scaling (loader settings
+    stay this run's)."""
     return {**config, **{k: parent[k] for k in SPLIT_KEYS if k in parent}, "split_file": str(split_file)}

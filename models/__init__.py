@@ -1,7 +1,7 @@
 """Multi-exit backbones, the registry that builds them by name, and their cost."""
 # importing a backbone module registers its builders
 from models import (bert, densenet, msdnet, resnet_bottleneck, resnet_cifar, resnet_imagenet,  # noqa: F401
-                    timm_backbone, vgg, wide_resnet)
+                    t2t_vit, timm_backbone, vgg, wide_resnet)
 from models.imta import IMTANetwork, build_imta
 from models.cost import count_exit_costs, measure_exit_latency
 from models.multiexit import ExitHead, MultiExitNetwork, select_state

@@ -127,6 +127,9 @@ register_family("resnet_bottleneck", dict(width=16), dict(width=integer(min=1)))
 register_family("densenet", dict(growth=12), dict(growth=integer(min=1)))
 register_family("bert", BERT_KNOBS, BERT_RULES)
 register_family("timm", TIMM_KNOBS, TIMM_RULES)
+register_family("t2t_vit", dict(exits=None, drop_path=0.1, qk_scale=None, token_dim=64),
+                dict(exits=optional(list_of(integer(min=0))), drop_path=number(min=0, max=1, max_open=True),
+                     qk_scale=optional(number(min=0, min_open=True)), token_dim=integer(min=1)))
 
 RULES = merge_rules({"model.arch": architecture},
                     *(scoped(f"model.{name}", family.rules) for name, family in FAMILIES.items()))

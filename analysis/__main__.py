@@ -26,6 +26,8 @@ import pandas as pd
 
 from analysis.budgeted import CONFIDENCES, DEFAULT_PS
 from analysis.curves import DEFAULT_GROUP, compute_curves, summary_table
+from analysis.jei import GROUP as TRADE_OFF_GROUP
+from analysis.jei import has_jei, trade_off_points
 from analysis.policies import aggregate_policies, has_policies, policy_rows, policy_summary
 from analysis.runs import AnalysisError, SkippedRunWarning, filter_where, load_runs, parse_where, run_listing
 
@@ -95,7 +97,7 @@ def _select(args) -> pd.DataFrame:
         runs = runs[runs["variant"].isin(variants)]
         if runs.empty:
             raise AnalysisError(f"no runs with variant in {variants} in {searched}")
-    if args.command != "runs" and not (runs["has_exit_record"] | has_policies(runs)).any():
+    if args.command != "runs" and not (runs["has_exit_record"] | has_policies(runs) | has_jei(runs)).any():
         raise AnalysisError(f"none of the {len(runs)} runs found in {searched} has an exit_record.npz artifact "
                             f"or policy results (run ids: {runs['run_id'].tolist()[:20]})")
     return runs
@@ -109,7 +111,28 @@ def _analyse(args) -> int:
         _analyse_records(args, runs)
     if has_policies(runs).any():
         _analyse_policies(args, runs, group_by)
+    if has_jei(runs).any():
+        _analyse_trade_off(args, runs)
     return 0
+
+
+def _analyse_trade_off(args, runs: pd.DataFrame) -> None:
+    """JEI-DNN's runs: one point per trade-off (mean±std over seeds) against thresholds at the same cost."""
+    group = list(TRADE_OFF_GROUP)
+    table = trade_off_points(runs, group)
+    print(f"{int(has_jei(runs).sum())} JEI-DNN runs from {args.source}")
+    if args.command == "curves":
+        from analysis.plots import plot_trade_off
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / "trade_off.csv", index=False)
+        plot_trade_off(table, out / "trade_off.png", [c.removeprefix("info.jei.") for c in group])
+        print(f"wrote {out / 'trade_off.csv'}, {out / 'trade_off.png'}")
+    print("JEI-DNN test top-1 (%) and MACs ratio per trade-off, mean±std over runs; thresholds: max-prob at the "
+          "same cost")
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
 def _analyse_policies(args, runs: pd.DataFrame, group_by: list[str]) -> None:

@@ -107,3 +107,23 @@ def plot_policies(table: pd.DataFrame, path: str | Path | None, group_by: Sequen
         ax.fill_between(g["cost_mean"], ys - std, ys + std, color=line.get_color(), alpha=0.15, linewidth=0)
     return _finish(fig, ax, "Exit policies at fixed budgets (test)", path, f"average cost per test sample ({unit})",
                    legend_size="x-small")
+
+
+def plot_trade_off(table: pd.DataFrame, path: str | Path | None, group_by: Sequence[str]) -> Figure:
+    """JEI-DNN's accuracy/cost trade-off (one point per ``ce_ic_tradeoff``, labelled) next to max-probability
+    thresholds of the same runs at the same cost, per group, ±std bars over runs; x: fraction of the full
+    network's MACs (``analysis.jei.trade_off_points``)."""
+    fig, ax = _figure((6.8, 4.8))
+    for key, g in table.groupby(list(group_by), sort=True, dropna=False):
+        g = g.sort_values("macs_ratio_mean")
+        label = f"{group_label(key, group_by)} (n={int(g['n_runs'].max())})"
+        xs = g["macs_ratio_mean"]
+        (line,) = ax.plot(xs, 100 * g["accuracy_mean"], marker="o", markersize=5, label=f"JEI gates, {label}")
+        ax.errorbar(xs, 100 * g["accuracy_mean"], yerr=100 * g["accuracy_std"].fillna(0.0),
+                    xerr=g["macs_ratio_std"].fillna(0.0), fmt="none", ecolor=line.get_color(), alpha=0.5)
+        ax.plot(xs, 100 * g["threshold_mean"], marker="s", markersize=4, linestyle="--", color=line.get_color(),
+                alpha=0.7, label=f"max-prob thresholds at the same cost, {label}")
+        for x, y, lam in zip(xs, 100 * g["accuracy_mean"], g["tradeoff"]):
+            ax.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    return _finish(fig, ax, "JEI-DNN: accuracy against cost (test)", path,
+                   "average MACs per test sample / full network's", legend_size="x-small")

@@ -31,6 +31,7 @@ from experiments.ingredients import train as train_ing
 from experiments.references import ResolvedRun, RunReferenceError, load_parent, stores_of
 from experiments.tracking import run_cli
 from experiments.validation import choice, merge_rules, number, register_rules
+from losses.exits import final_exit_only
 from losses import (COHORT_REDUCTIONS, AttentionTransferLoss, CohortDistillation, ExitCrossEntropy, FitNetsHintLoss,
                     CRDLoss, MHKDLoss, MultiExitLoss, TOFDLoss)
 from models.dih import HEAD_KINDS, IntermediateHeads
@@ -162,11 +163,6 @@ def later_stages_train_on_the_teachers_split(config: dict, stores) -> dict:
     model = meta["model"] if config["stage"] == "heads" else {**config["model"], "arch": config["student_arch"]}
     return {"data": data_ing.inherit_split(config["data"], meta["data"], parent.snapshot.parent / "split.npz"),
             "model": model}
-
-
-def final_exit_only(num_exits: int) -> ExitCrossEntropy:
-    """The teacher's objective: CE on its final exit (its earlier pooled exits get no gradient)."""
-    return ExitCrossEntropy(weights=[0.0] * (num_exits - 1) + [1.0])
 
 
 def crd_objective(net: StudentWithTeacher, bundle) -> CRDLoss:

@@ -1,6 +1,8 @@
 """What every multi-exit objective looks like to the training engine."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -37,6 +39,10 @@ class MultiExitLoss(nn.Module):
     in buffers, so it is saved and restored with the rest of the training state, and update it in
     ``after_batch``, which the engine calls once per optimisation step. Per-epoch statistics are reset in
     ``start_epoch`` and reported by ``extra_metrics``, which the engine calls before and after each epoch.
+
+    Objectives that decide more than the loss (JEI-DNN's gates) add metrics to every evaluation
+    (``evaluation_metrics``), update their state once the epoch is validated (``end_epoch``) and say which
+    epoch is best (``selection_score``).
     """
 
     def _epoch_means(self) -> EpochMeans | None:
@@ -55,3 +61,15 @@ class MultiExitLoss(nn.Module):
     def extra_metrics(self) -> dict[str, float]:
         """Scalars worth logging once per epoch: the epoch means, and e.g. the current temperature."""
         return self._epoch_means().means() if self._epoch_means() is not None else {}
+
+    def evaluation_metrics(self, logits: torch.Tensor, targets: torch.Tensor, prefix: str) -> dict[str, float]:
+        """Metrics beyond per-exit accuracy from a split's exit logits [K, N, C] (default: none)."""
+        return {}
+
+    def end_epoch(self, metrics: dict[str, float]) -> None:
+        """Called once the epoch's validation metrics are in ``metrics`` (which it may extend), before the
+        checkpoint is written (default: nothing)."""
+
+    def selection_score(self, metrics: dict[str, float]) -> float:
+        """What ``select='best_val'`` maximises: the mean validation top-1 over exits, by default."""
+        return metrics.get("val.acc.mean", -math.inf)

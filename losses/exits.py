@@ -24,3 +24,9 @@ class ExitCrossEntropy(MultiExitLoss):
         if len(weights) != len(outputs):
             raise ValueError(f"{len(weights)} exit weights for {len(outputs)} exits")
         return sum(w * F.cross_entropy(z, targets) for w, z in zip(weights, outputs))
+
+
+def final_exit_only(num_exits: int) -> ExitCrossEntropy:
+    """CE on the final exit alone: how single-exit networks (a DIH teacher, a JEI backbone) train; the earlier
+    exits get no gradient."""
+    return ExitCrossEntropy(weights=[0.0] * (num_exits - 1) + [1.0])

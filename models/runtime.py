@@ -37,6 +37,7 @@ from analysis.budgeted import DEFAULT_PS, apply_thresholds, budgeted_points, exi
 from analysis.eenet import ExitScheduler, SchedulerFit, SchedulerSettings, budget_points, route, scheduler_scores
 from analysis.exit_record import ExitRecord
 from models.cost import count_exit_costs
+from models.jei import exit_step, gated_exits, uncertainty_features
 from models.multiexit import MultiExitNetwork, State, select_state
 
 PolicyState = Any
@@ -215,6 +216,35 @@ class EENetPolicy:
         probs = torch.from_numpy(np.asarray(logits)).double().softmax(dim=-1).numpy()
         scores = scheduler_scores(self.scheduler.cpu(), probs, self.settings)
         return route(scores, np.asarray(self.thresholds), unrouted="last_exit")
+
+
+class JEIPolicy:
+    """JEI-DNN's gates (models.jei) as a runtime policy: gate k reads exit k's uncertainty features and a sample
+    leaves at the first exit whose conditional exit probability a_k reaches 0.5 (the final exit takes the rest).
+
+    The rule's running quantities (the sum of earlier gate outputs and prod (1 - a_j)) are the per-sample state
+    [n, 2]. The gates are copied; the copy follows the input to its device.
+    """
+
+    def __init__(self, gates: torch.nn.ModuleList, threshold: float = 0.5):
+        self.gates = copy.deepcopy(gates).eval()
+        self.threshold = threshold
+
+    def start(self, batch: int, device: torch.device, num_exits: int) -> torch.Tensor:
+        _check_exits("JEIPolicy", len(self.gates) + 1, num_exits)
+        self.gates.to(device)
+        return torch.stack([torch.zeros(batch, device=device), torch.ones(batch, device=device)], dim=1)
+
+    def decide(self, k: int, logits: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate = torch.sigmoid(self.gates[k](uncertainty_features(logits))).squeeze(1)
+        activation, before, stay = exit_step(gate, state[:, 0], state[:, 1])
+        return activation >= self.threshold, torch.stack([before, stay], dim=1)
+
+    def simulate(self, logits: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            gates = torch.cat([gate.cpu()(uncertainty_features(torch.from_numpy(np.asarray(z))))
+                               for gate, z in zip(self.gates, logits[:-1])], dim=1)
+            return gated_exits(torch.sigmoid(gates), self.threshold).numpy()
 
 
 # ---------------------------------------------------------------------------------------------------- runtime

@@ -5,7 +5,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torchvision
@@ -71,11 +71,14 @@ def fit_and_record(
     device,
     variant: str,
     meta: dict,
+    lr_multiplier: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
     """Train, select on validation, evaluate once on test, and leave the exit record as an artifact.
 
     ``meta`` (plain data: model config, data config, parent run, ...) goes into every snapshot so a
-    later stage can rebuild the network. Returns the per-exit summary also put in ``run.info``.
+    later stage can rebuild the network. ``lr_multiplier``, if given, replaces ``optim``'s schedule: the base lr
+    times what it returns at every step (a schedule that follows the objective's state, as JEI's does).
+    Returns the per-exit summary also put in ``run.info``.
     """
     threads = set_threads(train["threads"])
     resumed = run.info.get("resumed_from") if run is not None else None  # resolved and checked before the run
@@ -93,7 +96,8 @@ def fit_and_record(
         run.add_artifact(str(split_path), name="split.npz", content_type=NPZ)
     # an objective's own trainable parts (a FitNets regressor, CRD's embeddings) train with the model
     optimizer = build_optimizer(optim, [*model.parameters(), *loss_fn.parameters()])
-    scheduler = build_lr_scheduler(optim, optimizer, train["epochs"], len(data.train))
+    scheduler = (build_lr_scheduler(optim, optimizer, train["epochs"], len(data.train)) if lr_multiplier is None
+                 else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier()))
     trainer = Trainer(
         model, loss_fn, optimizer, scheduler, data.train, data.val, device, amp=train["amp"],
         channels_last=train["channels_last"], run=run, snapshot_dir=folder,

@@ -288,6 +288,7 @@ class Trainer:
         metrics = {f"{prefix}.acc.exit{k + 1}": a.item() for k, a in enumerate(acc)}
         metrics[f"{prefix}.acc.mean"] = acc.mean().item()
         metrics[f"{prefix}.loss"] = loss
+        metrics.update(self.loss_fn.evaluation_metrics(logits, targets, prefix))
         return metrics
 
     def _stop_at_step_boundary(self) -> contextlib.AbstractContextManager:
@@ -344,6 +345,7 @@ class Trainer:
             metrics.update(self.evaluate(self.val_loader, "val"))
         if self.select == "lowest_test_loss":
             metrics.update(self.evaluate(self.test_loader, "test"))
+        self.loss_fn.end_epoch(metrics)
         self._log(metrics, self.epoch)
         self._checkpoint(metrics)
         return EpochResult(self.epoch, metrics)
@@ -362,7 +364,7 @@ class Trainer:
     def _checkpoint(self, metrics: dict[str, float]) -> None:
         """``best.pt`` before ``last.pt``: a kill between the two leaves a ``best.pt`` one epoch ahead of
         ``last.pt``, which ``resume`` ignores because that epoch is trained again and rewrites it."""
-        score = -metrics["test.loss"] if self.select == "lowest_test_loss" else metrics.get("val.acc.mean", -math.inf)
+        score = -metrics["test.loss"] if self.select == "lowest_test_loss" else self.loss_fn.selection_score(metrics)
         improved = score > self.best_score
         if improved:
             self.best_score, self.best_epoch = score, self.epoch

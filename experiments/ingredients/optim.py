@@ -45,12 +45,17 @@ def optim_ingredient(**defaults) -> Ingredient:
 
 
 def build_optimizer(config: dict, params: Iterable[torch.nn.Parameter]) -> torch.optim.SGD:
-    params = [p for p in params if p.requires_grad]
-    if not params:
+    """SGD over the trainable ``params``; a parameter tagged ``p.lr_scale = s`` learns at s x lr (a parameter group
+    per scale, in order of appearance, so a resumed optimiser's groups line up)."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for p in params:
+        if p.requires_grad:
+            groups.setdefault(float(getattr(p, "lr_scale", 1.0)), []).append(p)
+    if not groups:
         raise ValueError("nothing to train: every parameter is frozen")
     return torch.optim.SGD(
-        params, lr=config["lr"], momentum=config["momentum"], nesterov=config["nesterov"],
-        weight_decay=config["weight_decay"],
+        [{"params": ps, "lr": config["lr"] * scale} for scale, ps in groups.items()], lr=config["lr"],
+        momentum=config["momentum"], nesterov=config["nesterov"], weight_decay=config["weight_decay"],
     )
 
 

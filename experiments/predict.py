@@ -3,13 +3,15 @@
     python -m experiments.predict <uid|run id|snapshot path> --budget 0.5 [--experiment imta] [--split test]
     python -m experiments.predict <run> --fixed-exit 2          # everyone leaves at exit 2 (0-based)
     python -m experiments.predict <run> --budget 0.5 --images photos/   # a folder of images, one line each
+    python -m experiments.predict <uid> --experiment jei --gates        # a JEI-DNN run's own learned gates
 
 The run's snapshot gives the network and its data split; its exit record's validation logits fit the
 thresholds (``models.runtime.ThresholdPolicy.from_record``) for a budget given as a fraction of the full
 network's MACs. The split is classified batch by batch twice, side by side: by the early-exit runtime
 (samples that exit are not computed further) and by the full network, and the command prints accuracy, the
-exit histogram, the MACs spent and the measured speed-up. Networks that a run built around a registered
-architecture (a teacher for a student, IMTA's stage 2) are not rebuilt here: run their parent or student.
+exit histogram, the MACs spent and the measured speed-up. A JEI-DNN ``stage=dynn`` run is rebuilt as its frozen
+backbone with its new exits, and ``--gates`` exits by its gates. Other networks that a run built around a
+registered architecture (a teacher for a student, IMTA's stage 2) are not rebuilt here: run their parent or student.
 """
 from __future__ import annotations
 
@@ -28,9 +30,11 @@ from experiments.ingredients import data as data_ing
 from experiments.ingredients import model as model_ing
 from experiments.references import FileStore, RunReferenceError, resolve_run
 from data.batch_ops import normalize_uint8
+from data.batch_ops import resize_square
 from models.cost import synchronize
+from models.jei import GatedExits
 from models.multiexit import MultiExitNetwork
-from models.runtime import CONFIDENCES, FixedExitPolicy, ThresholdPolicy, run_early_exit
+from models.runtime import CONFIDENCES, FixedExitPolicy, JEIPolicy, ThresholdPolicy, run_early_exit
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     policy = parser.add_mutually_exclusive_group(required=True)
     policy.add_argument("--budget", type=float, help="average MACs per sample as a fraction of the full network's")
     policy.add_argument("--fixed-exit", type=int, help="every sample leaves at this exit (0-based)")
+    policy.add_argument("--gates", action="store_true", help="a JEI-DNN run's learned gates (experiment jei)")
     parser.add_argument("--confidence", default="max_prob", choices=sorted(CONFIDENCES))
     parser.add_argument("--split", default="test", choices=("test", "val"))
     parser.add_argument("--images", help="a folder of images (png, jpg, ...) to classify instead of a split")
@@ -60,8 +65,10 @@ def network_weights(snapshot: dict) -> dict:
 
 def load_network(snapshot: dict, num_classes: int, bundle, device: torch.device) -> MultiExitNetwork:
     """The run's network rebuilt from its recorded model config, or one clear line why it cannot be."""
-    config = snapshot["meta"]["model"]  # a student run records the student's
+    config = snapshot["meta"]["model"]  # a student run records the student's; a JEI run its backbone's
     net = model_ing.build(config, num_classes, bundle.in_channels, bundle.image_size)
+    if any(k.startswith("gates.") for k in snapshot["model"]):  # JEI-DNN: the frozen backbone, new exits, gates
+        net = GatedExits(net, bundle.input_shape())
     try:
         net.load_state_dict(network_weights(snapshot))
     except RuntimeError as err:
@@ -71,8 +78,12 @@ def load_network(snapshot: dict, num_classes: int, bundle, device: torch.device)
     return net.to(device).eval()
 
 
-def policy_for(args: argparse.Namespace, record: ExitRecord):
-    """Thresholds for the budget (fitted on the record's validation logits), or a fixed exit."""
+def policy_for(args: argparse.Namespace, record: ExitRecord, net: MultiExitNetwork):
+    """Thresholds for the budget (fitted on the record's validation logits), a fixed exit, or a JEI run's gates."""
+    if args.gates:
+        if not isinstance(net, GatedExits):
+            raise ValueError("--gates needs a JEI-DNN stage=dynn run (--experiment jei): this run has no gates")
+        return JEIPolicy(net.gates)
     if args.fixed_exit is not None:
         if not 0 <= args.fixed_exit < record.num_exits:
             raise ValueError(f"--fixed-exit must be in 0..{record.num_exits - 1}, got {args.fixed_exit}")
@@ -125,7 +136,8 @@ def load_images(folder: str, loader) -> tuple[list[str], torch.Tensor]:
     mode = "L" if channels == 1 else "RGB"
     arrays = [np.asarray(Image.open(p).convert(mode).resize((size, size))) for p in paths]
     batch = torch.from_numpy(np.stack(arrays)).reshape(len(paths), size, size, channels).permute(0, 3, 1, 2)
-    return [p.name for p in paths], normalize_uint8(batch.contiguous().to(loader.device), loader.mean, loader.std)
+    x = normalize_uint8(batch.contiguous().to(loader.device), loader.mean, loader.std)
+    return [p.name for p in paths], x if loader.resize is None else resize_square(x, loader.resize)
 
 
 def classify_images(net: MultiExitNetwork, names: list[str], x: torch.Tensor, policy) -> str:
@@ -147,19 +159,25 @@ def report(out: dict, record: ExitRecord) -> str:
     return "\n".join(lines)
 
 
+def describe(args: argparse.Namespace) -> str:
+    if args.gates:
+        return "JEI-DNN's gates"
+    return f"fixed exit {args.fixed_exit}" if args.fixed_exit is not None else f"budget {args.budget:g}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         stores = [FileStore(args.runs)] if Path(args.runs).is_dir() else []
         run = resolve_run(args.run, args.experiment, args.snapshot_root, stores)
         record = ExitRecord.load(run.snapshot.parent / FILENAME)
-        policy = policy_for(args, record)
         device = resolve_device(args.device)
         data = {**run.contents["meta"]["data"], "split_file": str(run.snapshot.parent / "split.npz")}
         if args.batch:
             data["eval_batch_size"] = args.batch
         bundle = data_ing.build(data, device, seed=0)
         net = load_network(run.contents, bundle.num_classes, bundle, device)
+        policy = policy_for(args, record, net)
         images = load_images(args.images, bundle.test) if args.images else None
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -169,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     loader = bundle.test if args.split == "test" else bundle.val
     print(f"run {run.uid} ({run.contents['meta'].get('variant')}), {args.split} split, "
-          f"{'fixed exit ' + str(args.fixed_exit) if args.fixed_exit is not None else f'budget {args.budget:g}'}")
+          f"{describe(args)}")
     print(report(classify(net, loader, policy, device), record))
     return 0
 

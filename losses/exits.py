@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +26,14 @@ class ExitCrossEntropy(MultiExitLoss):
         if len(weights) != len(outputs):
             raise ValueError(f"{len(weights)} exit weights for {len(outputs)} exits")
         return sum(w * F.cross_entropy(z, targets) for w, z in zip(weights, outputs))
+
+    def selection_score(self, metrics: dict[str, float]) -> float:
+        """Mean validation top-1 of the exits this objective trains (weight > 0): a network trained on its final
+        exit alone is chosen by that exit, not by exits it never trained."""
+        if self.weights is None:
+            return super().selection_score(metrics)
+        accs = [metrics.get(f"val.acc.exit{k + 1}") for k, w in enumerate(self.weights) if w > 0]
+        return -math.inf if None in accs else sum(accs) / len(accs)
 
 
 def final_exit_only(num_exits: int) -> ExitCrossEntropy:

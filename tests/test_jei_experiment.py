@@ -126,3 +126,17 @@ def test_curves_draw_the_trade_off_against_thresholds(chain, tmp_path, capsys):
     row = table.set_index("tradeoff").loc[0.05]
     assert row["accuracy_mean"] == pytest.approx(low.info["jei"]["accuracy"])
     assert "JEI-DNN runs" in capsys.readouterr().out
+
+
+def test_predict_exits_by_the_runs_gates_as_the_record_says(chain, capsys):
+    from experiments.predict import main as predict_main
+
+    root, _, low, _ = chain
+    code = predict_main([low.info["uid"], "--experiment", "jei", "--gates", "--snapshot-root",
+                         str(root / "snapshots"), "--runs", str(root / "runs"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0 and "JEI-DNN's gates" in out
+    report = json.loads((Path(low.info["snapshot_dir"]) / jei.JEI_FILE).read_text())
+    assert f"top-1 {100 * low.info['jei']['accuracy']:.2f} %" in out  # executed early exit == the simulated rule
+    rates = "  ".join(f"{j + 1}: {100 * f:.1f} %" for j, f in enumerate(report["exit_rates"]))
+    assert f"exits: {rates}" in out

@@ -1,11 +1,11 @@
 """The papers' stage chains on a timm backbone through the ordinary config (``model.arch=timm/<name>``):
-IMTA's two stages, DIH's teacher -> heads -> student, EENet's train -> schedule."""
+IMTA's two stages, DIH's teacher -> heads -> student, EENet's train -> schedule, JEI-DNN's transfer -> gates."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from experiments import dih, eenet, imta
+from experiments import dih, eenet, imta, jei
 from experiments.tracking import RunFolderObserver
 
 NARROW = dict(arch="timm/resnet18", timm=dict(kwargs=dict(channels=[8, 16, 32, 64])))
@@ -50,3 +50,10 @@ def test_eenet_train_and_schedule_on_a_timm_backbone(run):
     scheduled = run(eenet, stage="schedule", train_run=trained.info["uid"], policies=["max_prob", "eenet"],
                     budgets=[0.8, 0.9])  # timm's 64-wide stem makes exit 1 two thirds of the MACs
     assert {row["policy"] for row in scheduled.info["policies"]} == {"max_prob", "eenet"}
+
+
+def test_jei_gates_on_a_timm_backbone(run):
+    backbone = run(jei, stage="transfer", model=NARROW)
+    gated = run(jei, stage="dynn", backbone_run=backbone.info["uid"], ce_ic_tradeoff=0.5)
+    assert gated.info["variant"] == "timm/resnet18+jei lambda=0.5"
+    assert len(gated.info["exits"]) > 0 and 0 < gated.info["jei"]["macs_ratio"] <= 1

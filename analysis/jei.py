@@ -45,6 +45,14 @@ def per_exit(taken: np.ndarray, correct: np.ndarray) -> tuple[list[float], list[
     return rates.round(5).tolist(), [None if a is None else round(a, 5) for a in accs]
 
 
+def threshold_curve(record: ExitRecord, exit_correct: np.ndarray) -> pd.DataFrame:
+    """Max-probability thresholds fitted on validation (``analysis.budgeted``), with the two thresholds that need
+    no fit at its ends: everyone at the first exit, everyone at the last (the p grid reaches neither)."""
+    ends = pd.DataFrame({"cost_macs": record.macs[[0, -1]].astype(np.float64),
+                         "accuracy": exit_correct[[0, -1]].mean(axis=1)})
+    return pd.concat([budgeted_curve(record)[["cost_macs", "accuracy"]], ends], ignore_index=True)
+
+
 def jei_report(net: GatedExits, record: ExitRecord, costs: np.ndarray, tradeoff: float, backbone: str,
                alphas: Sequence[float], ece_bins: int = 15, chunks: int = 10, ece_batch: int = 100) -> dict:
     """Every figure of one run: ``summary`` (flat, for ``run.info``), the per-exit lists and the conformal table.
@@ -58,8 +66,8 @@ def jei_report(net: GatedExits, record: ExitRecord, costs: np.ndarray, tradeoff:
     gated = test_probs[taken, np.arange(n)]
     correct = gated.argmax(1) == record.test_targets
     macs = float(record.macs[taken].mean())
-    baseline = accuracy_at_budget(budgeted_curve(record), macs)
     exit_correct = record.test_logits.argmax(-1) == record.test_targets[None]
+    baseline = accuracy_at_budget(threshold_curve(record, exit_correct), macs)
     rates, accs = per_exit(taken, exit_correct)
     confidence = gated.max(1)
     summary = {

@@ -1,4 +1,4 @@
-"""JEI-DNN: Regol, Chataoui & Coates, "Jointly-Learned Exit and Inference for a Dynamic Neural Network" (ICLR 2024).
+"""JEI-DNN: Regol, Chataoui & Coates, "Jointly-learned Exit and Inference for Dynamic Neural Networks" (ICLR 2024).
 
 Two stages of one experiment, chained by run reference (uid, run id or snapshot path):
 
@@ -35,7 +35,7 @@ from experiments.tracking import run_cli
 from experiments.validation import (ConfigError, boolean, choice, integer, list_of, merge_rules, number, optional,
                                     register_rules, string)
 from losses.exits import final_exit_only
-from losses.jei import GATE_OBJECTIVES, WEIGHTINGS, JEIObjective
+from losses.jei import GATE_OBJECTIVES, POS_COUNTS, WEIGHTINGS, JEIObjective
 from models.cost import count_exit_costs
 from models.jei import GatedExits
 from models.multiexit import MultiExitNetwork
@@ -71,6 +71,7 @@ def config():
     weighting = "cancelling"  # stage dynn: exits' loss: cancelling (released: plain mean CE) or detached
     gate_objective = "ce"  # stage dynn: the per-exit loss of the gate targets: ce, zero_one or prob
     pos_weight_cap = 5.0  # stage dynn: cap of the gates' positive-class weights
+    pos_weight_counts = "exact"  # stage dynn: weights from exact optimal-exit counts (released) or cumulative ones
     cost_convention = "released"  # stage dynn: normalised costs of the targets: released (T2T-ViT's counter) or macs
     stochastic_backbone = True  # stage dynn: the frozen backbone's drop-path and dropout stay on in training (released)
     lr_schedule = "joint_cosine"  # stage dynn: cosine to min_lr stepped once per joint epoch (released), or optim
@@ -94,6 +95,7 @@ RULES = dict(
     weighting=choice(*WEIGHTINGS),
     gate_objective=choice(*GATE_OBJECTIVES),
     pos_weight_cap=number(min=0, min_open=True),
+    pos_weight_counts=choice(*POS_COUNTS),
     cost_convention=choice(*COST_CONVENTIONS),
     stochastic_backbone=boolean,
     lr_schedule=choice(*LR_SCHEDULES),
@@ -145,11 +147,11 @@ def t2t_vit_14():
 
 @ex.named_config
 def quick():
-    """Fashion-MNIST in minutes on 2 CPU cores: T2T-ViT-7 from scratch at 32 px (7 exits), 6 + 8 epochs."""
-    data = dict(name="fashion_mnist", n_per_class=500, val_size=1000, batch_size=64, eval_batch_size=500, resize=32)
+    """Fashion-MNIST in minutes on 2 CPU cores: T2T-ViT-7 from scratch at 32 px (7 exits), 450 + 50 images per
+    class, 15 epochs per stage (dynn: up to 6 of warm-up), phases of 20 batches."""
+    data = dict(name="fashion_mnist", n_per_class=500, val_size=500, batch_size=64, eval_batch_size=500, resize=32)
     optim = dict(lr=0.05)
-    train = dict(epochs=8, amp="bf16")
-    max_warmup_epochs = 3
+    train = dict(epochs=15, amp="bf16")
     bilevel_batch_count = 20
     locals()  # sacred reads these names; this line tells linters they are used
 
@@ -249,7 +251,7 @@ def dynn(_run, _seed, config: dict) -> dict:
     costs = normalised_costs(net, config["cost_convention"], bundle.input_shape())
     objective = JEIObjective(net, costs, config["ce_ic_tradeoff"], config["max_warmup_epochs"],
                              config["warmup_patience"], config["bilevel_batch_count"], config["weighting"],
-                             config["gate_objective"], config["pos_weight_cap"])
+                             config["gate_objective"], config["pos_weight_cap"], config["pos_weight_counts"])
     lr = config["optim"]["lr"]
     multiplier = (None if config["lr_schedule"] == "optim" else
                   lambda: objective.lr_factor(lr, config["min_lr"], train["epochs"]))

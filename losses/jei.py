@@ -16,6 +16,7 @@ from models.jei import GatedExits, exit_probabilities
 
 WEIGHTINGS = ("cancelling", "detached")
 GATE_OBJECTIVES = ("ce", "zero_one", "prob")
+POS_COUNTS = ("exact", "cumulative")
 
 
 def warmup_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
@@ -79,12 +80,20 @@ def gate_loss(gate_logits: torch.Tensor, targets: torch.Tensor, pos_weights: tor
     return (bce * weights).mean()
 
 
-def positive_weights(optimal: torch.Tensor, num_gates: int, cap: float = 5.0) -> torch.Tensor:
-    """omega_b = min((n - c_b) / max(c_b, 0.1), cap), c_b = samples whose optimal exit is exactly b (the release's
-    count, although the targets are cumulative)."""
-    counts = torch.bincount(optimal.flatten().cpu(), minlength=num_gates + 1)[:num_gates].double()
+def positive_weights(optimal: torch.Tensor, num_gates: int, cap: float = 5.0, counts: str = "exact") -> torch.Tensor:
+    """omega_b = min((n - c_b) / max(c_b, 0.1), cap) from the optimal exits of n samples.
+
+    ``exact``: c_b = samples whose optimal exit is exactly b (the release, although gate b's positives are
+    cumulative, every l* <= b: later gates get positives weighted up to ``cap`` while they are already the
+    majority, and exit too early). ``cumulative``: c_b = samples with l* <= b, gate b's own positives, so
+    omega_b = negatives / positives (a named deviation).
+    """
+    if counts not in POS_COUNTS:
+        raise ValueError(f"counts must be one of {POS_COUNTS}, got {counts!r}")
+    exact = torch.bincount(optimal.flatten().cpu(), minlength=num_gates + 1)[:num_gates].double()
+    c = exact if counts == "exact" else torch.cumsum(exact, dim=0)
     n = optimal.numel()
-    return torch.clamp((n - counts) / torch.clamp(counts, min=0.1), max=cap).float()
+    return torch.clamp((n - c) / torch.clamp(c, min=0.1), max=cap).float()
 
 
 class JEIObjective(MultiExitLoss):
@@ -101,16 +110,17 @@ class JEIObjective(MultiExitLoss):
 
     def __init__(self, net: GatedExits, costs: Sequence[float], tradeoff: float, max_warmup_epochs: int = 6,
                  patience: int = 2, period: int = 200, weighting: str = "cancelling", gate_objective: str = "ce",
-                 pos_weight_cap: float = 5.0):
+                 pos_weight_cap: float = 5.0, pos_weight_counts: str = "exact"):
         super().__init__()
         if len(costs) != net.num_exits or not math.isclose(costs[-1], 1.0):
             raise ValueError(f"costs must hold {net.num_exits} normalised exit costs ending in 1, got {list(costs)}")
-        if weighting not in WEIGHTINGS or gate_objective not in GATE_OBJECTIVES:
-            raise ValueError(f"weighting in {WEIGHTINGS} and gate_objective in {GATE_OBJECTIVES}, got "
-                             f"{weighting!r}, {gate_objective!r}")
+        if weighting not in WEIGHTINGS or gate_objective not in GATE_OBJECTIVES or pos_weight_counts not in POS_COUNTS:
+            raise ValueError(f"weighting in {WEIGHTINGS}, gate_objective in {GATE_OBJECTIVES} and pos_weight_counts "
+                             f"in {POS_COUNTS}, got {weighting!r}, {gate_objective!r}, {pos_weight_counts!r}")
         self._net = [net]
         self.tradeoff, self.max_warmup_epochs, self.patience, self.period = tradeoff, max_warmup_epochs, patience, period
         self.weighting, self.gate_objective, self.pos_weight_cap = weighting, gate_objective, pos_weight_cap
+        self.pos_weight_counts = pos_weight_counts
         g = net.num_exits - 1
         self.register_buffer("costs", torch.tensor(costs, dtype=torch.float32))
         self.register_buffer("pos_weights", torch.ones(g))
@@ -184,7 +194,8 @@ class JEIObjective(MultiExitLoss):
             return
         self.joint_epochs += 1
         if self._val_optimal is not None:
-            self.pos_weights.copy_(positive_weights(self._val_optimal, len(self.net.heads), self.pos_weight_cap))
+            self.pos_weights.copy_(positive_weights(self._val_optimal, len(self.net.heads), self.pos_weight_cap,
+                                                    self.pos_weight_counts))
 
     def _warmup_step(self, accuracies: list[float]) -> None:
         for k, acc in enumerate(accuracies):

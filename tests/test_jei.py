@@ -51,6 +51,8 @@ def test_optimal_exits_gate_targets_and_positive_weights_by_hand():
     assert positive_weights(optimal, 2).tolist() == [3.0, 3.0]
     # a gate nobody should take: (4 - 0) / 0.1 = 40, capped at 5
     assert positive_weights(torch.tensor([0, 2, 2, 2]), 2).tolist() == [3.0, 5.0]
+    # the deviation: gate b's own (cumulative) positives, c = [1, 2]: (4 - 1) / 1 and (4 - 2) / 2
+    assert positive_weights(optimal, 2, counts="cumulative").tolist() == [3.0, 1.0]
 
 
 def test_gate_loss_weights_positive_targets_by_hand():

@@ -21,6 +21,7 @@ with 5k training images held out for validation: the released code selected chec
 """
 from __future__ import annotations
 
+from experiments.engine import distributed
 from experiments.engine.hardware import resolve_device
 from experiments.engine.pipeline import fit_and_record
 from experiments.identity import TrackedExperiment
@@ -168,6 +169,9 @@ def later_stages_train_on_the_teachers_split(config: dict, stores) -> dict:
 def crd_objective(net: StudentWithTeacher, bundle) -> CRDLoss:
     """CRD with its memory bank over the training images (in-memory datasets: their loader names each batch)."""
     loader = bundle.train
+    if distributed.world_size() > 1:
+        raise ValueError("method=crd keeps a memory bank of every training image, updated by each batch: it does "
+                         "not run under torchrun (each rank would update its own); train it in one process")
     if not hasattr(loader, "batch_indices"):
         raise ValueError("method=crd needs an in-memory dataset (its loader names the images of each batch)")
     shape = bundle.input_shape()

@@ -25,6 +25,7 @@ import torch
 from analysis.eenet import POLICIES, SchedulerSettings, evaluate_policies
 from analysis.exit_record import FILENAME, ExitRecord
 from analysis.recipes import recipe_key
+from experiments.engine import distributed
 from experiments.engine.hardware import resolve_device
 from experiments.engine.pipeline import fit_and_record, plain, run_folder
 from experiments.identity import TrackedExperiment
@@ -230,6 +231,8 @@ def with_costs_in_both_units(table, record: ExitRecord):
 
 def schedule(_run, _seed, config: dict) -> dict:
     """Stage schedule: every policy at every budget, from the exit record alone; a table as the artifact."""
+    if not distributed.is_main():  # no training to share: under torchrun rank 0 fits and records alone
+        return {}
     parent, record = load_record(config, stores_of(_run.observers))
     _run.info["parent"] = parent.record()
     costs = exit_costs(record, config["cost"], config["cost_table"])

@@ -22,6 +22,7 @@ from sacred import Experiment
 from sacred.observers import FileStorageObserver
 from sacred.utils import convert_to_nested_dict, recursive_update
 
+from experiments.engine import distributed
 from experiments.engine.checkpoint import resume_conflicts
 from experiments.engine.console import captured_out_filter
 from experiments.engine.trainer import interruptible
@@ -127,7 +128,7 @@ class TrackedExperiment(Experiment):
 
     def _create_run(self, command_name=None, config_updates=None, named_configs=(), info=None, meta_info=None,
                     options=None) -> Any:
-        uid = (meta_info or {}).get("uid") or new_uid()
+        uid = distributed.same_on_all_ranks((meta_info or {}).get("uid") or new_uid())  # torchrun: one run
         info, meta_info = {**(info or {}), "uid": uid}, {**(meta_info or {}), "uid": uid}
         rules = self.rules_for(command_name)
         validate_updates(config_updates or {}, rules)

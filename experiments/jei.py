@@ -23,6 +23,7 @@ import numpy as np
 
 from analysis.exit_record import FILENAME, ExitRecord
 from analysis.jei import JEI_FILE, jei_report
+from experiments.engine import distributed
 from experiments.engine.hardware import resolve_device
 from experiments.engine.pipeline import fit_and_record
 from experiments.identity import TrackedExperiment
@@ -260,6 +261,8 @@ def dynn(_run, _seed, config: dict) -> dict:
     variant = f"{snapshot['meta']['variant']}+jei lambda={config['ce_ic_tradeoff']:g}"
     summary = fit_and_record(_run, NAME, net, objective, bundle, config["optim"], train, device, variant=variant,
                              meta=meta, lr_multiplier=multiplier)
+    if not distributed.is_main():  # under torchrun rank 0 evaluates and records
+        return summary
     folder = Path(_run.info["snapshot_dir"])
     report = jei_report(net, ExitRecord.load(folder / FILENAME), np.asarray(costs), config["ce_ic_tradeoff"],
                         snapshot["meta"]["variant"], alphas=config["alphas"], ece_bins=config["ece_bins"], chunks=config["test_chunks"],

@@ -21,6 +21,7 @@ from sacred.observers import FileStorageObserver, MongoObserver, RunObserver
 from sacred.observers.mongo import force_bson_encodeable, parse_mongo_db_arg
 
 from analysis.runs import AnalysisError, mongo_url
+from experiments.engine import distributed
 
 RUNS_ENV = "MULTIEXIT_RUNS"
 MONGO_ENV = "MULTIEXIT_MONGO"
@@ -186,16 +187,19 @@ def _print_error(filtered_trace=sacred.experiment.print_filtered_stacktrace) -> 
 
 
 def run_cli(ex: Experiment, argv: Sequence[str] | None = None) -> None:
-    """The ``__main__`` of every experiment script: attach the observers, then sacred's CLI."""
+    """The ``__main__`` of every experiment script: attach the observers, then sacred's CLI (under torchrun: in
+    the process group, observed by rank 0 alone)."""
     try:
         argv, observers = default_observers(list(sys.argv if argv is None else argv))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    ex.observers.extend(observers)
+    if distributed.is_main():  # under torchrun rank 0 alone records the run
+        ex.observers.extend(observers)
     sacred.experiment.print_filtered_stacktrace = _print_error  # sacred's CLI reports failures through it
     try:
-        ex.run_commandline(argv)
+        with distributed.group():
+            ex.run_commandline(argv)
     except KeyboardInterrupt as err:  # the run is recorded INTERRUPTED; the trainer said where last.pt is
         print(f"interrupted: {err or 'KeyboardInterrupt'}", file=sys.stderr)
         sys.exit(130)

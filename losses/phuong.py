@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from experiments.engine.distributed import all_mean
 from losses.base import EpochMeans, MultiExitLoss
 from losses.kd import soft_cross_entropy
 
@@ -63,7 +64,8 @@ class PhuongDistillationLoss(MultiExitLoss):
 
     @torch.no_grad()
     def after_batch(self, outputs: list[torch.Tensor]) -> None:
-        if self.adaptive and self.teacher_probs(outputs).max(dim=1).values.mean() > self.max_prob:
+        # the global batch's statistic under torchrun, so the temperature stays the same on every rank
+        if self.adaptive and all_mean(self.teacher_probs(outputs).max(dim=1).values.mean().detach()) > self.max_prob:
             self.temperature.mul_(self.t_mult)
 
     def extra_metrics(self) -> dict[str, float]:

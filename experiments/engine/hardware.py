@@ -5,17 +5,20 @@ import contextlib
 
 import torch
 
+from experiments.engine import distributed
+
 AMP_MODES = ("off", "bf16", "fp16")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    """'auto' picks CUDA when available, else CPU; anything else is passed to ``torch.device``. Under torchrun each
+    process takes its own GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.device_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} asked for CUDA, but torch sees no GPU; use device='auto' or 'cpu'")
-    return device
+    return distributed.device_for(device)
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:

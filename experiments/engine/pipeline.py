@@ -13,6 +13,7 @@ import torchvision
 from analysis.exit_record import NPZ
 from analysis.recipes import recipe_key
 from data import DataBundle, save_split
+from experiments.engine import distributed
 from experiments.engine.checkpoint import snapshot_dir
 from experiments.engine.records import attach_exit_record, build_exit_record
 from experiments.engine.trainer import Trainer
@@ -28,10 +29,12 @@ def plain(config: Any) -> Any:
 
 
 def run_folder(run: Any, experiment: str, root: str) -> Path:
-    """``<root>/<experiment>/<uid>/``, new for every run (a run without a uid gets a fresh one)."""
+    """``<root>/<experiment>/<uid>/``, new for every run (a run without a uid gets a fresh one); made by rank 0
+    alone under torchrun, the other ranks only name it."""
     uid = (getattr(run, "meta_info", None) or {}).get("uid") or new_uid()
     folder = snapshot_dir(experiment, uid, root)
-    folder.mkdir(parents=True, exist_ok=False)
+    if distributed.is_main():
+        folder.mkdir(parents=True, exist_ok=False)
     return folder
 
 
@@ -83,30 +86,36 @@ def fit_and_record(
     threads = set_threads(train["threads"])
     resumed = run.info.get("resumed_from") if run is not None else None  # resolved and checked before the run
     folder = run_folder(run, experiment, train["snapshot_root"])
-    split_path = save_split(data.split, folder / "split.npz")
+    main = distributed.is_main()  # under torchrun only rank 0 writes; the others train their shards
+    split_path = save_split(data.split, folder / "split.npz") if main else folder / "split.npz"
     uid = folder.name
     config = plain(run.config) if run is not None else {}
     recipe = recipe_key(config, (meta.get("parent") or {}).get("recipe"))
     meta = plain({**meta, "uid": uid, "config": config, "recipe": recipe, "split_file": str(split_path),
                   "variant": variant})
-    print(f"{experiment} run {uid} [{variant}, recipe {recipe}]: snapshots in {folder}", flush=True)
+    if main:
+        print(f"{experiment} run {uid} [{variant}, recipe {recipe}]: snapshots in {folder}", flush=True)
     if run is not None:
         run.info.update(variant=variant, recipe=recipe, snapshot_dir=str(folder),
-                        environment=environment(device, threads))
-        run.add_artifact(str(split_path), name="split.npz", content_type=NPZ)
+                        environment={**environment(device, threads), "processes": distributed.world_size()})
+        if main:
+            run.add_artifact(str(split_path), name="split.npz", content_type=NPZ)
     # an objective's own trainable parts (a FitNets regressor, CRD's embeddings) train with the model
     optimizer = build_optimizer(optim, [*model.parameters(), *loss_fn.parameters()])
     scheduler = (build_lr_scheduler(optim, optimizer, train["epochs"], len(data.train)) if lr_multiplier is None
                  else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier()))
     trainer = Trainer(
         model, loss_fn, optimizer, scheduler, data.train, data.val, device, amp=train["amp"],
-        channels_last=train["channels_last"], run=run, snapshot_dir=folder,
-        select=selection(train["select"], data), meta=meta, progress=train["progress"], test_loader=data.test,
+        channels_last=train["channels_last"], run=run, snapshot_dir=folder if main else None,
+        select=selection(train["select"], data), meta=meta, progress=train["progress"] and main,
+        test_loader=data.test, sync_bn=train.get("sync_bn", False),
     )
     if resumed is not None:
         trainer.resume(resumed["snapshot"])
         print(f"resumed {resumed['uid'] or resumed['snapshot']} from epoch {trainer.epoch}", flush=True)
     trainer.fit(train["epochs"])
+    if not main:
+        return {"rank": distributed.rank()}
     chosen = trainer.restore_selected()
     trainer.save_weights(folder / "final.pt")
     record = build_exit_record(trainer, data.val, data.test, data.input_shape(), train["latency_batch"])

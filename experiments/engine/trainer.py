@@ -19,8 +19,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from experiments.engine import distributed
 from experiments.engine.checkpoint import load_snapshot, save_atomic
 from experiments.engine.console import TERMINAL, TERMINAL_STREAM, format_duration
 from experiments.engine.hardware import autocast, grad_scaler, to_memory_format
@@ -72,6 +75,32 @@ def interruptible() -> contextlib.AbstractContextManager:
     return _handling((signal.SIGTERM,), _interrupt)
 
 
+class TrainStep(nn.Module):
+    """The model and its objective as one module: under ``DistributedDataParallel`` every trained parameter, an
+    objective's own included (a FitNets regressor, CRD's embeddings), takes part in the forward, so DDP averages
+    all their gradients across ranks."""
+
+    def __init__(self, model: MultiExitNetwork, loss_fn: MultiExitLoss):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        outputs = self.model(x)
+        return self.loss_fn(outputs, y), outputs
+
+
+def parallel(step: TrainStep, device: torch.device, sync_bn: bool) -> nn.Module:
+    """``step`` under DDP when torchrun started several processes (BatchNorm per rank unless ``sync_bn``), else
+    itself. Exits a step leaves out (a frozen teacher's, one phase of JEI) are allowed: find_unused_parameters."""
+    if not distributed.active():
+        return step
+    if sync_bn:
+        step.model = nn.SyncBatchNorm.convert_sync_batchnorm(step.model)
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True)
+
+
 @dataclass
 class EpochResult:
     """Per-epoch metrics, keyed as they are logged (``val.acc.exit1``, ``train.loss``, ...)."""
@@ -97,6 +126,12 @@ class Trainer:
         meta: plain data stored in every snapshot (model config, split, ...) so a later stage can
             rebuild the network without the original run.
         progress: a bar per epoch, shown only when the process started on a terminal (``engine.console``).
+        sync_bn: under torchrun, BatchNorm statistics over the global batch rather than each rank's shard.
+
+    Under torchrun (``engine.distributed``) every rank trains its shard of each global batch through DDP, the
+    epoch's metrics are summed over ranks, every rank validates the whole split (so objectives that read
+    validation stay identical), and a stop request stops all ranks at the same step. Pass ``snapshot_dir``
+    only on rank 0: it alone writes.
     """
 
     def __init__(
@@ -116,6 +151,7 @@ class Trainer:
         meta: dict | None = None,
         progress: bool = True,
         test_loader: Iterable | None = None,
+        sync_bn: bool = False,
     ):
         if select not in SELECT_MODES:
             raise ValueError(f"select must be one of {SELECT_MODES}, got {select!r}")
@@ -126,6 +162,7 @@ class Trainer:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device=device, memory_format=memory_format)
         self.loss_fn = loss_fn.to(device)
+        self.step = parallel(TrainStep(self.model, self.loss_fn), device, sync_bn)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.train_loader = train_loader
@@ -224,11 +261,11 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         seen, step, start = 0, 0, time.perf_counter()
-        for step, (x, y) in enumerate(self._progress_bar(self.train_loader), 1):
+        for step, batch in enumerate(self._progress_bar(self.train_loader), 1):
+            x, y = distributed.shard(batch)
             x = to_memory_format(x, self.channels_last)
             with autocast(self.device, self.amp):
-                outputs = self.model(x)
-                loss = self.loss_fn(outputs, y)
+                loss, outputs = self.step(x, y)
             finite &= torch.isfinite(loss.detach())
             if step % FINITE_CHECK_EVERY == 0:
                 self._check_finite(finite, step)
@@ -242,20 +279,29 @@ class Trainer:
                 correct += torch.stack([(z.argmax(1) == y).sum() for z in outputs])
             loss_sum += loss.detach().double() * len(y)
             seen += len(y)
-            if self.stop_signal is not None:
+            if self._stop_requested():
                 self._check_finite(finite, step)  # never save a state that a non-finite loss has stepped into
                 raise StopRequested
         self._check_finite(finite, step)
         elapsed = time.perf_counter() - start
-        metrics = {"train.loss": loss_sum.item() / max(seen, 1), "train.images_per_sec": seen / max(elapsed, 1e-9)}
+        totals = distributed.all_sum(torch.cat([correct.double(), loss_sum[None], torch.tensor([float(seen)],
+                                                                                             device=self.device)]))
+        correct, loss_sum, seen = totals[:n_exits], totals[n_exits], int(totals[-1])
+        metrics = {"train.loss": loss_sum.item() / max(seen, 1), "train.images_per_sec": seen / max(elapsed, 1e-9),
+                   "train.samples": seen}
         metrics.update({f"train.acc.exit{k + 1}": (c / max(seen, 1)).item() for k, c in enumerate(correct)})
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics.update({f"train.{k}": v for k, v in self.loss_fn.extra_metrics().items()})
         return metrics
 
+    def _stop_requested(self) -> bool:
+        """A signal arrived (on any rank: all ranks stop at the same step)."""
+        return distributed.any_rank(self.stop_signal is not None, self.device)
+
     def _check_finite(self, finite: torch.Tensor, step: int) -> None:
-        """A clear error once a training loss has been NaN or infinite (the one host sync of this check)."""
-        if not bool(finite):
+        """A clear error once a training loss has been NaN or infinite (the one host sync of this check), on every
+        rank when it happened on one."""
+        if distributed.any_rank(not bool(finite), self.device):
             raise FloatingPointError(f"the training loss became NaN or infinite in epoch {self.epoch + 1}, by step "
                                      f"{step}; try a lower optim.lr or amp='off'")
 
@@ -324,9 +370,10 @@ class Trainer:
                     self._stop(save=True)
                 history.append(self._end_epoch(metrics))
                 now = time.perf_counter()
-                print(self._summary_line(metrics, epochs, now - epoch_started, (now - started) / len(history)),
-                      flush=True)
-                if self.stop_signal is not None:  # arrived during validation: last.pt already holds this epoch
+                if distributed.is_main():
+                    print(self._summary_line(metrics, epochs, now - epoch_started, (now - started) / len(history)),
+                          flush=True)
+                if self._stop_requested():  # arrived during validation: last.pt already holds this epoch
                     self._stop(save=False)
         return history
 
@@ -334,13 +381,14 @@ class Trainer:
         if save and self.snapshot_dir is not None:
             save_atomic(self.state_dict(), self.snapshot_dir / "last.pt")
         where = f"train.resume={self.snapshot_dir / 'last.pt'}" if self.snapshot_dir else "no snapshot folder"
-        name = signal.Signals(self.stop_signal).name
+        name = signal.Signals(self.stop_signal or signal.SIGTERM).name  # another rank's signal
         print(f"stopped by signal {name} after {self.epoch} full epochs; resume exactly with {where}", flush=True)
         raise KeyboardInterrupt(f"stopped by signal {name}") from None
 
     def _end_epoch(self, metrics: dict[str, float]) -> EpochResult:
         """Validate, log and checkpoint one finished epoch."""
         self.epoch += 1
+        distributed.share_buffers(self.model)
         if self.val_loader is not None:
             metrics.update(self.evaluate(self.val_loader, "val"))
         if self.select == "lowest_test_loss":

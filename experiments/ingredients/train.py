@@ -20,6 +20,7 @@ def train_config():
     latency_batch = 64  # batch size of the per-exit latency measurement (0: skip)
     progress = True  # tqdm progress bar per epoch
     threads = None  # torch intra-op threads (None: what this process may use, honouring OMP_NUM_THREADS and CPU affinity)
+    sync_bn = False  # under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm) instead of per rank
     locals()  # sacred reads these names; this line tells linters they are used
 
 
@@ -38,6 +39,7 @@ RULES = scoped("train", dict(
     latency_batch=integer(min=0),
     progress=boolean,
     threads=optional(integer(min=1)),
+    sync_bn=boolean,
 ))
 
 FAST = dict(epochs=2, latency_batch=4, progress=False, threads=1)

@@ -36,6 +36,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 # steps between checks that the training loss is finite: each check waits for the device
 FINITE_CHECK_EVERY = 50
+# under torchrun, steps between the all-reduces that agree on a stop request (each waits for the device)
+STOP_SYNC_EVERY = 10
 
 class StopRequested(Exception):
     """Raised at a step boundary after SIGINT/SIGTERM, so the state saved there resumes exactly."""
@@ -279,7 +281,7 @@ class Trainer:
                 correct += torch.stack([(z.argmax(1) == y).sum() for z in outputs])
             loss_sum += loss.detach().double() * len(y)
             seen += len(y)
-            if self._stop_requested():
+            if self._stop_requested(step):
                 self._check_finite(finite, step)  # never save a state that a non-finite loss has stepped into
                 raise StopRequested
         self._check_finite(finite, step)
@@ -294,9 +296,12 @@ class Trainer:
         metrics.update({f"train.{k}": v for k, v in self.loss_fn.extra_metrics().items()})
         return metrics
 
-    def _stop_requested(self) -> bool:
-        """A signal arrived (on any rank: all ranks stop at the same step)."""
-        return distributed.any_rank(self.stop_signal is not None, self.device)
+    def _stop_requested(self, step: int = 0) -> bool:
+        """A signal arrived. Under torchrun the ranks agree every STOP_SYNC_EVERY steps (and at ``step`` 0, the
+        epoch's end), so all stop at the same step without a host sync at every one."""
+        if not distributed.active():
+            return self.stop_signal is not None
+        return step % STOP_SYNC_EVERY == 0 and distributed.any_rank(self.stop_signal is not None, self.device)
 
     def _check_finite(self, finite: torch.Tensor, step: int) -> None:
         """A clear error once a training loss has been NaN or infinite (the one host sync of this check), on every

@@ -33,3 +33,13 @@ def test_throughput_benchmark_covers_every_setting(tmp_path):
     script("throughput").main(["--arch", "resnet8", "--steps", "1", "--batch", "4", "--csv", str(csv)])
     table = pd.read_csv(csv)
     assert len(table) == 2 * 4 and set(table["mode"]) == {"train", "eval"}
+
+
+def test_the_suite_writes_both_tables_in_one_run(tmp_path):
+    torch.set_num_threads(1)
+    script("suite").main(["--archs", "resnet8", "--shape", "3", "16", "16", "--batch", "8", "--samples", "2",
+                          "--repeats", "1", "--steps", "1", "--no-compile", "--out", str(tmp_path)])
+    early, throughput = pd.read_csv(tmp_path / "early_exit.csv"), pd.read_csv(tmp_path / "throughput.csv")
+    assert len(early) == 3 * 2  # three budgets, batch 8 and batch 1
+    assert set(throughput["arch"]) == {"resnet8", "loader: fashion_mnist quick"}
+    assert {"images_per_sec", "peak_mb"} <= set(throughput.columns)

@@ -623,3 +623,31 @@ def test_a_non_finite_loss_between_checks_is_caught_at_the_epoch_end_naming_it(m
     trainer = make_trainer(model, FixedBatches(good, good, bad))
     with pytest.raises(FloatingPointError, match="in epoch 1, by step 3"):
         trainer.fit(1)
+
+
+def test_compiled_training_steps_and_reports_its_first_step_once(capsys):
+    """train.compile: the model's forward is compiled in place (same state-dict keys), trains, and computes what
+    the eager forward computes; the first step's time (compilation) is printed once."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 8, 8), torch.arange(8) % 4
+    model = create_model("resnet8", num_classes=4, width=2, image_size=8)
+    keys = list(model.state_dict())
+    trainer = make_trainer(model, FixedBatches((x, y), (x, y)), epochs=2, lr=0.05, compile="default")
+    history = trainer.fit(2)
+    assert list(model.state_dict()) == keys
+    assert model._compiled_call_impl is not None  # what nn.Module.compile installs: the forward really is compiled
+    assert history[-1].metrics["train.loss"] < history[0].metrics["train.loss"]
+    assert capsys.readouterr().out.count("torch.compile: the first training step took") == 1
+    model.eval()
+    with torch.no_grad():
+        for compiled, eager in zip(model(x), model.forward(x)):  # forward() bypasses the compiled call
+            torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_modes_are_checked_before_training():
+    model = create_model("resnet8", num_classes=4, width=2)
+    batches = FixedBatches((torch.randn(2, 3, 8, 8), torch.arange(2)))
+    with pytest.raises(ValueError, match="reduce-overhead.*CUDA"):
+        make_trainer(model, batches, compile="reduce-overhead")
+    with pytest.raises(ValueError, match="compile must be one of"):
+        make_trainer(model, batches, compile="fast")

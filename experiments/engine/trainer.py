@@ -27,10 +27,12 @@ from experiments.engine import distributed
 from experiments.engine.checkpoint import load_snapshot, save_atomic
 from experiments.engine.console import TERMINAL, TERMINAL_STREAM, format_duration
 from experiments.engine.hardware import autocast, grad_scaler, to_memory_format
+from models.cost import synchronize
 from losses.base import MultiExitLoss
 from models.multiexit import MultiExitNetwork
 
 SELECT_MODES = ("best_val", "last", "lowest_test_loss")
+COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -92,6 +94,17 @@ class TrainStep(nn.Module):
         return self.loss_fn(outputs, y), outputs
 
 
+def compile_in_place(model: nn.Module, mode: str, device: torch.device) -> None:
+    """``torch.compile`` the model's forward (``nn.Module.compile``: state-dict keys and staged execution are left as
+    they are); ``reduce-overhead`` records CUDA graphs, so it needs CUDA."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode == "reduce-overhead" and device.type != "cuda":
+        raise ValueError("compile='reduce-overhead' records CUDA graphs and needs a CUDA device; use 'default'")
+    if mode != "off":
+        model.compile(mode=mode)
+
+
 def parallel(step: TrainStep, device: torch.device, sync_bn: bool) -> nn.Module:
     """``step`` under DDP when torchrun started several processes (BatchNorm per rank unless ``sync_bn``), else
     itself. Exits a step leaves out (a frozen teacher's, one phase of JEI) are allowed: find_unused_parameters."""
@@ -129,6 +142,8 @@ class Trainer:
             rebuild the network without the original run.
         progress: a bar per epoch, shown only when the process started on a terminal (``engine.console``).
         sync_bn: under torchrun, BatchNorm statistics over the global batch rather than each rank's shard.
+        compile: ``torch.compile`` mode of the model's forward (``COMPILE_MODES``); the first step's time, mostly
+            compilation, is printed once (inductor caches compiled kernels on disk for later runs).
 
     Under torchrun (``engine.distributed``) every rank trains its shard of each global batch through DDP, the
     epoch's metrics are summed over ranks, every rank validates the whole split (so objectives that read
@@ -154,6 +169,7 @@ class Trainer:
         progress: bool = True,
         test_loader: Iterable | None = None,
         sync_bn: bool = False,
+        compile: str = "off",
     ):
         if select not in SELECT_MODES:
             raise ValueError(f"select must be one of {SELECT_MODES}, got {select!r}")
@@ -164,6 +180,8 @@ class Trainer:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device=device, memory_format=memory_format)
         self.loss_fn = loss_fn.to(device)
+        compile_in_place(self.model, compile, device)
+        self.compile_to_time = compile != "off"  # the first step's time is reported once
         self.step = parallel(TrainStep(self.model, self.loss_fn), device, sync_bn)
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -276,6 +294,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            if self.compile_to_time:
+                self._report_compile(time.perf_counter() - start)
             self.loss_fn.after_batch(outputs)
             with torch.no_grad():
                 correct += torch.stack([(z.argmax(1) == y).sum() for z in outputs])
@@ -295,6 +315,14 @@ class Trainer:
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics.update({f"train.{k}": v for k, v in self.loss_fn.extra_metrics().items()})
         return metrics
+
+    def _report_compile(self, seconds: float) -> None:
+        """One line with the first compiled step's time (synchronised), most of it compilation."""
+        synchronize(self.device)
+        self.compile_to_time = False
+        if distributed.is_main():
+            print(f"torch.compile: the first training step took {seconds:.1f} s (compilation; evaluation compiles "
+                  "once more)", flush=True)
 
     def _stop_requested(self, step: int = 0) -> bool:
         """A signal arrived. Under torchrun the ranks agree every STOP_SYNC_EVERY steps (and at ``step`` 0, the

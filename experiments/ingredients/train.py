@@ -4,7 +4,7 @@ from __future__ import annotations
 from sacred import Ingredient
 
 from experiments.engine.hardware import AMP_MODES
-from experiments.engine.trainer import SELECT_MODES
+from experiments.engine.trainer import COMPILE_MODES, SELECT_MODES
 from experiments.ingredients import ingredient
 from experiments.validation import boolean, choice, either, integer, matches, optional, scoped, string
 
@@ -21,6 +21,7 @@ def train_config():
     progress = True  # tqdm progress bar per epoch
     threads = None  # torch intra-op threads (None: what this process may use, honouring OMP_NUM_THREADS and CPU affinity)
     sync_bn = False  # under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm) instead of per rank
+    compile = "off"  # torch.compile the model: off, default, max-autotune, reduce-overhead (CUDA graphs, CUDA only)
     locals()  # sacred reads these names; this line tells linters they are used
 
 
@@ -40,6 +41,7 @@ RULES = scoped("train", dict(
     progress=boolean,
     threads=optional(integer(min=1)),
     sync_bn=boolean,
+    compile=choice(*COMPILE_MODES),
 ))
 
 FAST = dict(epochs=2, latency_batch=4, progress=False, threads=1)

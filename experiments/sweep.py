@@ -50,8 +50,8 @@ def parse_assignment(text: str, flag: str) -> tuple[str, str]:
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list]:
-    """``["seed=1,2,3"]`` -> ``{"seed": [1, 2, 3]}`` (a value holding commas: write it as JSON, e.g. ``[1,2]`` is
-    not allowed here; use ``with`` for fixed lists)."""
+    """``["seed=1,2,3"]`` -> ``{"seed": [1, 2, 3]}``; commas separate the values, so a value cannot hold one (lists
+    cannot be grid values; fix them with ``with``)."""
     grid = {}
     for item in items:
         key, values = parse_assignment(item, "--grid")
@@ -64,6 +64,12 @@ def parse_with(tokens: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
     named = [t for t in tokens if "=" not in t]
     updates = dict(parse_assignment(t, "with") for t in tokens if "=" in t)
     return named, {k: parse_value(v) for k, v in updates.items()}
+
+
+def parse_parent(text: str) -> tuple[str, dict[str, Any]]:
+    """``"ge_run=stage=ge,ge_scope=coarsest"`` -> ``("ge_run", {"stage": "ge", "ge_scope": "coarsest"})``."""
+    key, conditions = parse_assignment(text, "--parent")
+    return key, {k: parse_value(v) for k, v in (parse_assignment(c, "--parent") for c in conditions.split(","))}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -86,9 +92,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv[:cut])
     args.named, args.updates = parse_with(argv[cut + 1:])
     args.grid = parse_grid(args.grid)
-    args.parents = {key: dict(parse_assignment(c, "--parent") for c in conditions.split(","))
-                    for key, conditions in (parse_assignment(p, "--parent") for p in args.parent)}
-    args.parents = {key: {k: parse_value(v) for k, v in where.items()} for key, where in args.parents.items()}
+    args.parents = dict(parse_parent(p) for p in args.parent)
     if not args.grid:
         parser.error("give at least one --grid KEY=V1,V2")
     return args
@@ -140,7 +144,7 @@ def run_trial(values: dict[str, Any], spec: dict) -> None:
     run = experiment.ex.run(named_configs=spec["named"], config_updates=trial_updates(spec, values),
                             options={"--loglevel": "ERROR"})
     result = {"uid": run.info["uid"], "status": run.status}
-    accuracy = (run.result or {}).get("test_acc") if isinstance(run.result, dict) else None
+    accuracy = run.result.get("test_acc") if isinstance(run.result, dict) else None
     if isinstance(accuracy, list) and accuracy:
         result["test_acc_last"] = accuracy[-1]
     tune.report(result)

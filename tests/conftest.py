@@ -193,6 +193,24 @@ def sgd_step_lowers_the_summed_exit_loss(model, x: torch.Tensor, y: torch.Tensor
         assert loss() < before.detach()
 
 
+# ------------------------------------------------------------------------------ experiment runs
+def run_fast(experiment, root: Path, **updates):
+    """One run of ``experiment``'s ``fast`` config on one thread: observed into ``root/runs``, snapshots under
+    ``root/snapshots`` (``train`` updates merge with that); the observers and threads are put back after."""
+    from experiments.tracking import RunFolderObserver
+
+    saved, threads = experiment.ex.observers, torch.get_num_threads()
+    experiment.ex.observers = [RunFolderObserver(str(root / "runs"))]
+    torch.set_num_threads(1)
+    try:
+        train = {"snapshot_root": str(root / "snapshots"), **updates.pop("train", {})}
+        return experiment.ex.run(named_configs=["fast"], config_updates={"train": train, **updates},
+                                 options={"--loglevel": "ERROR"})
+    finally:
+        experiment.ex.observers = saved
+        torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------ text data (AG News, SST-2)
 WORDS = "the a news sport world business tech film good bad movie ( ) , . it 's plot fun dull".split()
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

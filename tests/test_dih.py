@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_fast
 from experiments import dih
 from experiments.references import RunReferenceError
-from experiments.tracking import RunFolderObserver
 from models import count_exit_costs, create_model
 from models.dih import IntermediateHeads
 
@@ -48,14 +48,7 @@ def test_the_cohort_ends_with_the_teachers_own_exit_and_staged_equals_forward():
 
 
 def run(tmp_path: Path, **updates):
-    saved = dih.ex.observers
-    dih.ex.observers = [RunFolderObserver(str(tmp_path / "runs"))]
-    try:
-        train = {"snapshot_root": str(tmp_path / "snapshots"), "latency_batch": 0}
-        return dih.ex.run(named_configs=["fast"], config_updates={"train": train, "seed": 3, **updates},
-                          options={"--loglevel": "ERROR"})
-    finally:
-        dih.ex.observers = saved
+    return run_fast(dih, tmp_path, **{"seed": 3, "train": {"latency_batch": 0}, **updates})
 
 
 @pytest.fixture(scope="module")

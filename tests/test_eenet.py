@@ -7,27 +7,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
+from conftest import run_fast
 from analysis.__main__ import main as analysis_main
 from analysis.exit_record import ExitRecord
 from experiments import eenet, imta
-from experiments.tracking import RunFolderObserver
 from experiments.validation import ConfigError
 
 
 def run(experiment, root: Path, **updates):
-    saved = experiment.ex.observers
-    experiment.ex.observers = [RunFolderObserver(str(root / "runs"))]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train = {"snapshot_root": str(root / "snapshots"), **updates.pop("train", {})}
-        return experiment.ex.run(named_configs=["fast"], config_updates={"train": train, "seed": 2, **updates},
-                                 options={"--loglevel": "ERROR"})
-    finally:
-        experiment.ex.observers = saved
-        torch.set_num_threads(threads)
+    return run_fast(experiment, root, **{"seed": 2, **updates})
 
 
 @pytest.fixture(scope="module")

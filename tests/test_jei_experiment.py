@@ -11,26 +11,16 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import run_fast
 from analysis.__main__ import main as analysis_main
 from experiments import jei
 from experiments.engine.checkpoint import load_snapshot
-from experiments.tracking import RunFolderObserver
 from experiments.validation import ConfigError
 from losses.jei import JEIObjective
 
 
 def run(root: Path, **updates):
-    saved = jei.ex.observers
-    jei.ex.observers = [RunFolderObserver(str(root / "runs"))]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train = {"snapshot_root": str(root / "snapshots"), **updates.pop("train", {})}
-        return jei.ex.run(named_configs=["fast"], config_updates={"train": train, "seed": 3, **updates},
-                          options={"--loglevel": "ERROR"})
-    finally:
-        jei.ex.observers = saved
-        torch.set_num_threads(threads)
+    return run_fast(jei, root, **{"seed": 3, **updates})
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,9 @@ IMTA's two stages, DIH's teacher -> heads -> student, EENet's train -> schedule,
 from __future__ import annotations
 
 import pytest
-import torch
 
+from conftest import run_fast
 from experiments import dih, eenet, imta, jei
-from experiments.tracking import RunFolderObserver
 
 NARROW = dict(arch="timm/resnet18", timm=dict(kwargs=dict(channels=[8, 16, 32, 64])))
 
@@ -14,16 +13,7 @@ NARROW = dict(arch="timm/resnet18", timm=dict(kwargs=dict(channels=[8, 16, 32, 6
 @pytest.fixture
 def run(tmp_path):
     def run(experiment, **updates):
-        saved, threads = experiment.ex.observers, torch.get_num_threads()
-        experiment.ex.observers = [RunFolderObserver(str(tmp_path / "runs"))]
-        torch.set_num_threads(1)
-        try:
-            train = {"snapshot_root": str(tmp_path / "snapshots"), "latency_batch": 0}
-            result = experiment.ex.run(named_configs=["fast"], options={"--loglevel": "ERROR"},
-                                       config_updates={"train": train, "seed": 1, **updates})
-        finally:
-            experiment.ex.observers = saved
-            torch.set_num_threads(threads)
+        result = run_fast(experiment, tmp_path, **{"seed": 1, "train": {"latency_batch": 0}, **updates})
         assert result.status == "COMPLETED"
         return result
     return run

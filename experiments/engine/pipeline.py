@@ -108,7 +108,7 @@ def fit_and_record(
         model, loss_fn, optimizer, scheduler, data.train, data.val, device, amp=train["amp"],
         channels_last=train["channels_last"], run=run, snapshot_dir=folder if main else None,
         select=selection(train["select"], data), meta=meta, progress=train["progress"] and main,
-        test_loader=data.test, sync_bn=train.get("sync_bn", False), compile=train.get("compile", "off"),
+        test_loader=data.test, sync_bn=train["sync_bn"], compile=train["compile"],
     )
     if resumed is not None:
         trainer.resume(resumed["snapshot"])

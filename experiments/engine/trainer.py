@@ -295,7 +295,7 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             if self.compile_to_time:
-                self._report_compile(time.perf_counter() - start)
+                self._report_compile(start)
             self.loss_fn.after_batch(outputs)
             with torch.no_grad():
                 correct += torch.stack([(z.argmax(1) == y).sum() for z in outputs])
@@ -316,9 +316,11 @@ class Trainer:
         metrics.update({f"train.{k}": v for k, v in self.loss_fn.extra_metrics().items()})
         return metrics
 
-    def _report_compile(self, seconds: float) -> None:
-        """One line with the first compiled step's time (synchronised), most of it compilation."""
+    def _report_compile(self, start: float) -> None:
+        """One line with the time since ``start`` of the first compiled step, once the device has finished it (most
+        of it is compilation)."""
         synchronize(self.device)
+        seconds = time.perf_counter() - start
         self.compile_to_time = False
         if distributed.is_main():
             print(f"torch.compile: the first training step took {seconds:.1f} s (compilation; evaluation compiles "
